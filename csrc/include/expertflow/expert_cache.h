@@ -1,0 +1,147 @@
+// ExpertCache: keeps the experts in use in a DeviceArena's slots.
+//
+//   acquire(layer, experts, stream) -> one slot address per expert, safe to read on
+//       `stream`: hits return at once; a miss takes a victim, issues a demand copy, and
+//       makes the stream (not the host) wait for it.
+//   prefetch(layer, experts, scores) -> records the predictions and queues copies of the
+//       predicted experts that are not resident.
+//   release(layer, experts, stream) -> the stream has enqueued its last read of them.
+//
+// Invariants:
+//  - A slot is never overwritten while enqueued work may still read it: a victim's new
+//    copy waits on the fences recorded at its releases and on its previous copy.
+//  - An acquired slot is pinned until released. Acquiring more experts than there are
+//    slots is an error raised before anything is evicted.
+//  - A prefetch never evicts a slot that is pinned, in flight, or predicted for a sooner
+//    use than the prefetched expert's.
+//  - Bad input raises InvalidArgument naming the value and changes nothing.
+//
+// Locking: one mutex guards the slot table, for microseconds at a time. No CUDA call,
+// allocation or copy runs under it: decisions are made under the lock, copies and fence
+// operations after it. A slot whose copy is decided but not yet issued is marked so;
+// other threads wait on a condition variable until it is issued (microseconds), then
+// wait on its fence. Lock order: this mutex, then TransferEngine's.
+//
+// Predictions age out after the step they were made for: acquiring layer l clears
+// every prediction for layer l.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "expertflow/backend.h"
+#include "expertflow/device_arena.h"
+#include "expertflow/eviction_policy.h"
+#include "expertflow/host_pool.h"
+#include "expertflow/transfer_engine.h"
+
+namespace expertflow {
+
+struct LayerStats {
+  std::uint64_t hits = 0;           // resident when acquired
+  std::uint64_t prefetch_hits = 0;  // of those, brought in by a prefetch
+  std::uint64_t misses = 0;         // demand copies
+};
+
+struct CacheStats {
+  std::uint64_t acquires = 0;
+  std::uint64_t hits = 0;
+  std::uint64_t prefetch_hits = 0;
+  std::uint64_t misses = 0;
+  std::uint64_t evictions = 0;           // resident experts overwritten
+  std::uint64_t prefetch_issued = 0;     // prefetch copies queued
+  std::uint64_t prefetch_used = 0;       // prefetched experts acquired before eviction
+  std::uint64_t prefetch_wasted = 0;     // prefetched experts evicted or cancelled unused
+  std::uint64_t prefetch_cancelled = 0;  // of those, removed from the queue before starting
+  std::uint64_t prefetch_dropped = 0;    // predictions not prefetched: no candidate slot
+  std::uint64_t bytes_demand = 0;
+  std::uint64_t bytes_prefetch = 0;
+  double stall_seconds = 0.0;  // host time acquire spent waiting for copies
+  std::vector<LayerStats> layers;
+};
+
+class ExpertCache {
+ public:
+  // Throws InvalidArgument when num_slots < 1 or the policy's options do not fit the
+  // layout (a static set larger than num_slots - 1, a key out of range), OutOfMemory
+  // when the arena cannot be allocated.
+  ExpertCache(std::shared_ptr<HostPool> pool, int num_slots, const PolicyOptions& policy,
+              int prefetch_streams = 1);
+  ~ExpertCache();
+  ExpertCache(const ExpertCache&) = delete;
+  ExpertCache& operator=(const ExpertCache&) = delete;
+
+  std::vector<void*> acquire(int layer, const std::vector<int>& experts, StreamHandle stream);
+  // scores: one confidence (>= 0) per expert, or empty for 1.0 each.
+  void prefetch(int layer, const std::vector<int>& experts, const std::vector<float>& scores);
+  void release(int layer, const std::vector<int>& experts, StreamHandle stream);
+
+  CacheStats stats() const;
+  void reset_stats();
+  bool resident(int layer, int expert) const;
+
+  // Cancels queued prefetches, waits for copies in flight and the reads released so far,
+  // then frees the slots. Every later call but stats() and closed() throws StateError.
+  void close();
+  bool closed() const;
+
+  int num_slots() const { return arena_.num_slots(); }
+  std::size_t slot_bytes() const { return arena_.slot_bytes(); }
+  const std::string& policy_name() const { return policy_name_; }
+  const HostPool& pool() const { return *pool_; }
+
+ private:
+  struct ReadFence {
+    StreamHandle stream;
+    std::unique_ptr<Fence> fence;
+  };
+  struct Slot {
+    bool loading = false;     // a copy is queued or in flight
+    bool issued = true;       // the copy's fence is recorded: readers may wait on it
+    bool prefetched = false;  // brought in by a prefetch, not yet acquired
+    std::uint32_t pins = 0;
+    std::uint64_t generation = 0;  // bumped on every new assignment
+    std::uint64_t ticket = 0;      // the engine's ticket while a prefetch is queued
+    std::unique_ptr<Fence> copy_fence;
+    std::vector<ReadFence> read_fences;
+  };
+  using Lock = std::unique_lock<std::mutex>;
+
+  void check_open() const;
+  std::vector<int> keys_of(int layer, const std::vector<int>& experts) const;
+  int take_victim(const VictimQuery& query);
+  void assign(int slot, int key);
+  void evict(int slot);
+  void refresh_evictable(int slot);
+  CopyRequest copy_request(int slot);
+  void wait_issued(Lock& lock, int slot, int key);
+  void unpin(const std::vector<int>& slots);
+  void on_prefetch_issued(int slot, std::uint64_t generation, const std::string& error);
+  void on_prefetch_complete(int slot, std::uint64_t generation, const std::string& error);
+
+  std::shared_ptr<HostPool> pool_;
+  std::shared_ptr<Backend> backend_;
+  const ExpertLayout& layout_;
+  DeviceArena arena_;
+  TransferEngine engine_;
+  std::unique_ptr<EvictionPolicy> policy_;
+  std::string policy_name_;
+
+  mutable std::mutex mutex_;
+  std::condition_variable issued_cv_;  // a slot's copy was issued or failed
+  std::condition_variable slot_cv_;    // a slot became evictable
+  std::vector<Slot> slots_;
+  std::vector<SlotView> views_;      // what the policy sees, kept in step with slots_
+  std::vector<int> slot_of_;         // per key: its slot, or -1
+  std::vector<float> confidence_;    // per key: prediction, or -1
+  int current_layer_ = -1;
+  std::uint64_t tick_ = 0;
+  bool closed_ = false;
+  CacheStats stats_;
+};
+
+}  // namespace expertflow
