@@ -89,8 +89,8 @@ class ExpertCache {
   void close();
   bool closed() const;
 
-  int num_slots() const { return arena_.num_slots(); }
-  std::size_t slot_bytes() const { return arena_.slot_bytes(); }
+  int num_slots() const { return num_slots_; }
+  std::size_t slot_bytes() const { return slot_bytes_; }
   const std::string& policy_name() const { return policy_name_; }
   const HostPool& pool() const { return *pool_; }
 
@@ -100,8 +100,13 @@ class ExpertCache {
     std::unique_ptr<Fence> fence;
   };
   struct Slot {
-    bool loading = false;     // a copy is queued or in flight
-    bool issued = true;       // the copy's fence is recorded: readers may wait on it
+    // A slot holding a key is in one of three states: stale (no copy of the key's bytes
+    // is done or pending: the next acquire issues one), loading and not issued (a copy is
+    // decided or queued; readers wait on issued_cv_), or issued (readers wait on
+    // copy_fence). loading stays set until a prefetch copy completes.
+    bool stale = false;
+    bool loading = false;
+    bool issued = true;
     bool prefetched = false;  // brought in by a prefetch, not yet acquired
     std::uint32_t pins = 0;
     std::uint64_t generation = 0;  // bumped on every new assignment
@@ -113,12 +118,13 @@ class ExpertCache {
 
   void check_open() const;
   std::vector<int> keys_of(int layer, const std::vector<int>& experts) const;
-  int take_victim(const VictimQuery& query);
+  VictimQuery victim_query() const;
+  int take_victim(const VictimQuery& query) const;
   void assign(int slot, int key);
-  void evict(int slot);
   void refresh_evictable(int slot);
-  CopyRequest copy_request(int slot);
-  void wait_issued(Lock& lock, int slot, int key);
+  void cancel_queued_prefetch(int slot);
+  CopyRequest copy_request(int slot) const;
+  void ensure_issued(Lock& lock, int slot);
   void unpin(const std::vector<int>& slots);
   void on_prefetch_issued(int slot, std::uint64_t generation, const std::string& error);
   void on_prefetch_complete(int slot, std::uint64_t generation, const std::string& error);
@@ -126,7 +132,9 @@ class ExpertCache {
   std::shared_ptr<HostPool> pool_;
   std::shared_ptr<Backend> backend_;
   const ExpertLayout& layout_;
-  DeviceArena arena_;
+  std::unique_ptr<DeviceArena> arena_;  // freed by close()
+  int num_slots_;
+  std::size_t slot_bytes_;
   TransferEngine engine_;
   std::unique_ptr<EvictionPolicy> policy_;
   std::string policy_name_;

@@ -1,0 +1,521 @@
+#include "expertflow/expert_cache.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+#include "expertflow/error.h"
+
+namespace expertflow {
+
+namespace {
+
+// How long an acquire waits for other threads to release slots before it gives up: a
+// thread that acquires again without releasing would otherwise wait forever.
+constexpr auto kSlotWait = std::chrono::seconds(30);
+
+std::shared_ptr<HostPool> require(std::shared_ptr<HostPool> pool) {
+  EF_CHECK(pool != nullptr, "ExpertCache needs a HostPool, got null");
+  return pool;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace
+
+ExpertCache::ExpertCache(std::shared_ptr<HostPool> pool, int num_slots,
+                         const PolicyOptions& policy, int prefetch_streams)
+    : pool_(require(std::move(pool))),
+      backend_(pool_->backend_ptr()),
+      layout_(pool_->layout()),
+      arena_(std::make_unique<DeviceArena>(backend_, layout_.max_bytes(), num_slots)),
+      num_slots_(num_slots),
+      slot_bytes_(arena_->slot_bytes()),
+      engine_(backend_, prefetch_streams),
+      policy_(make_policy(policy)),
+      policy_name_(policy_->name()) {
+  EF_CHECK(policy.name != "static" || static_cast<int>(policy.static_keys.size()) < num_slots,
+           "a static set of ", policy.static_keys.size(), " experts needs at least ",
+           policy.static_keys.size() + 1, " slots (one streams the others); the cache has ",
+           num_slots);
+  policy_->bind(layout_.num_keys());
+  slots_.resize(num_slots);
+  views_.resize(num_slots);
+  for (int slot = 0; slot < num_slots; ++slot) {
+    slots_[slot].copy_fence = backend_->create_fence();
+    refresh_evictable(slot);
+  }
+  slot_of_.assign(layout_.num_keys(), -1);
+  confidence_.assign(layout_.num_keys(), -1.0f);
+  stats_.layers.resize(layout_.num_layers());
+}
+
+ExpertCache::~ExpertCache() {
+  try {
+    close();
+  } catch (const std::exception& e) {
+    warn(std::string("ExpertCache close failed: ") + e.what());
+  }
+}
+
+void ExpertCache::check_open() const {
+  if (closed_) EF_THROW(StateError, "ExpertCache is closed");
+}
+
+std::vector<int> ExpertCache::keys_of(int layer, const std::vector<int>& experts) const {
+  std::vector<int> keys;
+  keys.reserve(experts.size());
+  for (int expert : experts) keys.push_back(layout_.key(layer, expert));
+  std::vector<int> sorted = keys;
+  std::sort(sorted.begin(), sorted.end());
+  auto dup = std::adjacent_find(sorted.begin(), sorted.end());
+  EF_CHECK(dup == sorted.end(), "expert id ", layout_.expert_of(*dup), " appears twice at layer ",
+           layer);
+  return keys;
+}
+
+VictimQuery ExpertCache::victim_query() const {
+  return VictimQuery{views_, confidence_, current_layer_, layout_.num_layers()};
+}
+
+int ExpertCache::take_victim(const VictimQuery& query) const {
+  for (int slot = 0; slot < num_slots_; ++slot) {
+    if (views_[slot].key < 0 && views_[slot].evictable) return slot;
+  }
+  int slot = policy_->choose_victim(query);
+  if (slot >= 0 && !query.candidate(slot)) {
+    EF_THROW(BackendError, "policy ", policy_name_, " chose slot ", slot,
+             ", which may not be evicted");
+  }
+  return slot;
+}
+
+void ExpertCache::refresh_evictable(int slot) {
+  views_[slot].evictable = slots_[slot].pins == 0 && !slots_[slot].loading;
+}
+
+// Gives the slot to `key`, evicting what it held. The slot becomes stale: the next
+// acquire (or the prefetch that chose it) issues the copy.
+void ExpertCache::assign(int slot, int key) {
+  SlotView& view = views_[slot];
+  Slot& s = slots_[slot];
+  if (view.key >= 0) {
+    slot_of_[view.key] = -1;
+    ++stats_.evictions;
+    if (s.prefetched) ++stats_.prefetch_wasted;
+  }
+  view.key = key;
+  view.layer = layout_.layer_of(key);
+  slot_of_[key] = slot;
+  ++s.generation;
+  s.stale = true;
+  s.loading = false;
+  s.issued = true;
+  s.prefetched = false;
+  s.ticket = 0;
+  refresh_evictable(slot);
+}
+
+// A prefetch still in the queue is removed; the slot keeps its key but is stale.
+void ExpertCache::cancel_queued_prefetch(int slot) {
+  Slot& s = slots_[slot];
+  if (!s.loading || s.issued || s.ticket == 0 || !engine_.cancel(s.ticket)) return;
+  s.loading = false;
+  s.issued = true;
+  s.stale = true;
+  s.ticket = 0;
+  ++stats_.prefetch_cancelled;
+  refresh_evictable(slot);
+}
+
+CopyRequest ExpertCache::copy_request(int slot) const {
+  const Slot& s = slots_[slot];
+  int key = views_[slot].key;
+  CopyRequest request;
+  request.dst = arena_->slot(slot);
+  request.src = pool_->blob(key);
+  request.bytes = layout_.bytes(key);
+  request.after.push_back(s.copy_fence.get());
+  for (const ReadFence& read : s.read_fences) request.after.push_back(read.fence.get());
+  request.done = s.copy_fence.get();
+  return request;
+}
+
+// Returns, with the lock held, once the copy into `slot` (pinned by the caller) is
+// issued; issues a demand copy itself when the slot is stale.
+void ExpertCache::ensure_issued(Lock& lock, int slot) {
+  Slot& s = slots_[slot];
+  while (!s.issued || s.stale) {
+    check_open();
+    if (!s.stale) {
+      issued_cv_.wait(lock);
+      continue;
+    }
+    s.stale = false;
+    s.loading = true;
+    s.issued = false;
+    CopyRequest request = copy_request(slot);
+    const SlotView view = views_[slot];
+    ++stats_.misses;
+    ++stats_.layers[view.layer].misses;
+    stats_.bytes_demand += request.bytes;
+    lock.unlock();
+    std::string error;
+    try {
+      engine_.demand(request);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    lock.lock();
+    s.loading = false;
+    s.issued = true;
+    s.stale = !error.empty();
+    issued_cv_.notify_all();
+    if (!error.empty()) {
+      EF_THROW(BackendError, "copy of expert ", layout_.expert_of(view.key), " at layer ",
+               view.layer, " failed: ", error);
+    }
+  }
+}
+
+std::vector<void*> ExpertCache::acquire(int layer, const std::vector<int>& experts,
+                                        StreamHandle stream) {
+  backend_->check_stream(stream);
+  std::vector<int> keys = keys_of(layer, experts);
+  const int n = static_cast<int>(keys.size());
+  EF_CHECK(n <= num_slots_, "acquiring ", n, " experts at layer ", layer, " needs ", n,
+           " slots; the cache has ", num_slots_);
+
+  Lock lock(mutex_);
+  check_open();
+  // Evict all or nothing: wait until enough slots can take this call's misses, with
+  // nothing pinned meanwhile.
+  auto deadline = std::chrono::steady_clock::now() + kSlotWait;
+  for (;;) {
+    int missing = 0;
+    for (int key : keys) missing += slot_of_[key] < 0;
+    int candidates = 0;
+    for (int slot = 0; slot < num_slots_ && candidates < missing; ++slot) {
+      const SlotView& view = views_[slot];
+      bool requested = view.key >= 0 && std::find(keys.begin(), keys.end(), view.key) != keys.end();
+      candidates += view.evictable && !requested;
+    }
+    if (candidates >= missing) break;
+    if (slot_cv_.wait_until(lock, deadline) == std::cv_status::timeout) {
+      EF_THROW(StateError, "no slot became free for ", missing, " experts at layer ", layer,
+               " within ", kSlotWait.count(), " s: all ", num_slots_,
+               " slots are pinned or loading; release experts before acquiring more");
+    }
+    check_open();
+  }
+
+  // Pin the resident ones, then choose victims for the rest; undo both if the policy
+  // refuses a victim or rejects the access.
+  std::vector<int> slots(n, -1);
+  std::vector<bool> was_resident(n);
+  for (int i = 0; i < n; ++i) {
+    slots[i] = slot_of_[keys[i]];
+    was_resident[i] = slots[i] >= 0;
+    if (was_resident[i]) {
+      ++slots_[slots[i]].pins;
+      refresh_evictable(slots[i]);
+    }
+  }
+  std::vector<int> victims;
+  try {
+    VictimQuery query = victim_query();
+    for (int i = 0; i < n; ++i) {
+      if (was_resident[i]) continue;
+      int victim = take_victim(query);
+      if (victim < 0) {
+        EF_THROW(InvalidArgument, "policy ", policy_name_, " has no slot for expert ",
+                 experts[i], " at layer ", layer, " (", num_slots_, " slots)");
+      }
+      slots[i] = victim;
+      victims.push_back(victim);
+      views_[victim].evictable = false;
+    }
+    policy_->on_access(keys, tick_ + 1);
+  } catch (...) {
+    for (int victim : victims) refresh_evictable(victim);
+    for (int i = 0; i < n; ++i) {
+      if (!was_resident[i]) continue;
+      --slots_[slots[i]].pins;
+      refresh_evictable(slots[i]);
+    }
+    throw;
+  }
+
+  // Committed.
+  ++tick_;
+  ++stats_.acquires;
+  LayerStats& layer_stats = stats_.layers[layer];
+  for (int i = 0; i < n; ++i) {
+    int slot = slots[i];
+    Slot& s = slots_[slot];
+    if (!was_resident[i]) {
+      assign(slot, keys[i]);
+      ++s.pins;
+      refresh_evictable(slot);
+    } else {
+      cancel_queued_prefetch(slot);
+      if (!s.stale) {
+        ++stats_.hits;
+        ++layer_stats.hits;
+        if (s.prefetched) {
+          ++stats_.prefetch_hits;
+          ++stats_.prefetch_used;
+          ++layer_stats.prefetch_hits;
+        }
+      } else if (s.prefetched) {
+        ++stats_.prefetch_wasted;
+      }
+      s.prefetched = false;
+    }
+    views_[slot].last_use = tick_;
+  }
+  // This layer's predictions were for this step: drop them, and the prefetches for it
+  // that have not started.
+  current_layer_ = layer;
+  for (int key = layer * layout_.experts_per_layer(), end = key + layout_.experts_per_layer();
+       key < end; ++key) {
+    confidence_[key] = -1.0f;
+    int slot = slot_of_[key];
+    if (slot < 0 || slots_[slot].pins > 0 || !slots_[slot].loading) continue;
+    cancel_queued_prefetch(slot);
+    if (slots_[slot].stale) {  // cancelled: give the slot back
+      ++stats_.prefetch_wasted;
+      slot_of_[key] = -1;
+      views_[slot].key = views_[slot].layer = -1;
+      slots_[slot].stale = slots_[slot].prefetched = false;
+    }
+  }
+
+  auto start = std::chrono::steady_clock::now();
+  bool waited = false;
+  try {
+    for (int slot : slots) {
+      waited |= !slots_[slot].issued || slots_[slot].stale;
+      ensure_issued(lock, slot);
+    }
+  } catch (...) {
+    unpin(slots);
+    throw;
+  }
+  if (waited) stats_.stall_seconds += seconds_since(start);
+  lock.unlock();
+
+  // The slots are pinned and issued: their fences stay put until released.
+  std::vector<void*> addresses(n);
+  for (int i = 0; i < n; ++i) {
+    backend_->wait(stream, *slots_[slots[i]].copy_fence);
+    addresses[i] = arena_->slot(slots[i]);
+  }
+  return addresses;
+}
+
+void ExpertCache::unpin(const std::vector<int>& slots) {
+  for (int slot : slots) {
+    Slot& s = slots_[slot];
+    if (s.pins == 0) continue;
+    if (--s.pins == 0 && !policy_->retains(views_[slot].key)) {
+      slot_of_[views_[slot].key] = -1;
+      views_[slot].key = views_[slot].layer = -1;
+      s.stale = s.prefetched = false;
+    }
+    refresh_evictable(slot);
+  }
+  slot_cv_.notify_all();
+}
+
+void ExpertCache::release(int layer, const std::vector<int>& experts, StreamHandle stream) {
+  backend_->check_stream(stream);
+  std::vector<int> keys = keys_of(layer, experts);
+  std::vector<int> slots;
+  std::vector<int> need_fence;  // slots with no read fence for this stream yet
+  {
+    Lock lock(mutex_);
+    check_open();
+    for (std::size_t i = 0; i < keys.size(); ++i) {
+      int slot = slot_of_[keys[i]];
+      EF_CHECK(slot >= 0 && slots_[slot].pins > 0, "expert ", experts[i], " at layer ", layer,
+               " is not acquired, so it cannot be released");
+      slots.push_back(slot);
+      const auto& reads = slots_[slot].read_fences;
+      if (std::none_of(reads.begin(), reads.end(),
+                       [stream](const ReadFence& r) { return r.stream == stream; })) {
+        need_fence.push_back(slot);
+      }
+    }
+  }
+  // Fences are created outside the lock. The slots stay pinned by the caller until the
+  // unpin below, so nobody else reassigns them meanwhile.
+  std::vector<std::unique_ptr<Fence>> created;
+  for (std::size_t i = 0; i < need_fence.size(); ++i) created.push_back(backend_->create_fence());
+  std::vector<Fence*> fences;
+  {
+    Lock lock(mutex_);
+    for (std::size_t i = 0; i < need_fence.size(); ++i) {
+      auto& reads = slots_[need_fence[i]].read_fences;
+      if (std::none_of(reads.begin(), reads.end(),
+                       [stream](const ReadFence& r) { return r.stream == stream; })) {
+        reads.push_back(ReadFence{stream, std::move(created[i])});
+      }
+    }
+    for (int slot : slots) {
+      for (const ReadFence& read : slots_[slot].read_fences) {
+        if (read.stream == stream) fences.push_back(read.fence.get());
+      }
+    }
+  }
+  // Record before unpinning: a victim's copy must find the fence of these reads.
+  for (Fence* fence : fences) backend_->record(*fence, stream);
+  Lock lock(mutex_);
+  for (int slot : slots) {
+    if (slots_[slot].pins == 0) {
+      EF_THROW(StateError, "slot ", slot, " was released more times than it was acquired");
+    }
+  }
+  unpin(slots);
+}
+
+void ExpertCache::prefetch(int layer, const std::vector<int>& experts,
+                           const std::vector<float>& scores) {
+  std::vector<int> keys = keys_of(layer, experts);
+  EF_CHECK(scores.empty() || scores.size() == experts.size(), "prefetch got ", scores.size(),
+           " scores for ", experts.size(), " experts");
+  for (std::size_t i = 0; i < scores.size(); ++i) {
+    EF_CHECK(std::isfinite(scores[i]) && scores[i] >= 0.0f, "score ", scores[i], " for expert ",
+             experts[i], " at layer ", layer, " must be a finite number >= 0");
+  }
+  struct Job {
+    int slot;
+    std::uint64_t generation;
+    CopyRequest request;
+  };
+  std::vector<Job> jobs;
+  {
+    Lock lock(mutex_);
+    check_open();
+    for (std::size_t i = 0; i < keys.size(); ++i) {
+      confidence_[keys[i]] = scores.empty() ? 1.0f : scores[i];
+    }
+    VictimQuery query = victim_query();
+    query.max_distance = query.distance(layer);
+    for (int key : keys) {
+      if (slot_of_[key] >= 0) continue;
+      query.min_confidence = confidence_[key];
+      int slot = take_victim(query);
+      if (slot < 0) {
+        ++stats_.prefetch_dropped;
+        continue;
+      }
+      assign(slot, key);
+      Slot& s = slots_[slot];
+      s.stale = false;
+      s.loading = true;
+      s.issued = false;
+      s.prefetched = true;
+      refresh_evictable(slot);
+      ++stats_.prefetch_issued;
+      jobs.push_back(Job{slot, s.generation, copy_request(slot)});
+    }
+  }
+  std::vector<std::uint64_t> tickets;
+  for (Job& job : jobs) {
+    int slot = job.slot;
+    std::uint64_t generation = job.generation;
+    TransferEngine::Callbacks callbacks{
+        [this, slot, generation](const std::string& error) {
+          on_prefetch_issued(slot, generation, error);
+        },
+        [this, slot, generation](const std::string& error) {
+          on_prefetch_complete(slot, generation, error);
+        }};
+    tickets.push_back(engine_.prefetch(std::move(job.request), std::move(callbacks)));
+  }
+  Lock lock(mutex_);
+  for (std::size_t i = 0; i < jobs.size(); ++i) {
+    Slot& s = slots_[jobs[i].slot];
+    if (s.generation == jobs[i].generation && s.loading && !s.issued) s.ticket = tickets[i];
+  }
+}
+
+void ExpertCache::on_prefetch_issued(int slot, std::uint64_t generation, const std::string& error) {
+  Lock lock(mutex_);
+  Slot& s = slots_[slot];
+  if (s.generation != generation) return;
+  s.issued = true;
+  s.ticket = 0;
+  if (error.empty()) {
+    stats_.bytes_prefetch += layout_.bytes(views_[slot].key);
+  } else {
+    warn("prefetch copy failed, the expert will be copied on demand: " + error);
+    s.stale = true;
+    s.loading = false;
+    refresh_evictable(slot);
+    slot_cv_.notify_all();
+  }
+  issued_cv_.notify_all();
+}
+
+void ExpertCache::on_prefetch_complete(int slot, std::uint64_t generation,
+                                       const std::string& error) {
+  Lock lock(mutex_);
+  Slot& s = slots_[slot];
+  if (s.generation != generation) return;
+  s.loading = false;
+  if (!error.empty()) {
+    warn("prefetch copy failed, the expert will be copied on demand: " + error);
+    s.stale = true;
+  }
+  refresh_evictable(slot);
+  slot_cv_.notify_all();
+}
+
+CacheStats ExpertCache::stats() const {
+  Lock lock(mutex_);
+  return stats_;
+}
+
+void ExpertCache::reset_stats() {
+  Lock lock(mutex_);
+  check_open();
+  stats_ = CacheStats{};
+  stats_.layers.resize(layout_.num_layers());
+}
+
+bool ExpertCache::resident(int layer, int expert) const {
+  int key = layout_.key(layer, expert);
+  Lock lock(mutex_);
+  check_open();
+  int slot = slot_of_[key];
+  return slot >= 0 && !slots_[slot].stale;
+}
+
+bool ExpertCache::closed() const {
+  Lock lock(mutex_);
+  return closed_;
+}
+
+void ExpertCache::close() {
+  {
+    Lock lock(mutex_);
+    if (closed_) return;
+    closed_ = true;
+  }
+  issued_cv_.notify_all();
+  slot_cv_.notify_all();
+  engine_.shutdown();
+  // Every copy issued and every read released so far must finish before the slots go.
+  for (Slot& s : slots_) {
+    backend_->synchronize(*s.copy_fence);
+    for (ReadFence& read : s.read_fences) backend_->synchronize(*read.fence);
+  }
+  Lock lock(mutex_);
+  arena_.reset();
+}
+
+}  // namespace expertflow

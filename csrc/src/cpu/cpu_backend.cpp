@@ -1,0 +1,91 @@
+// The CPU backend: host memory stands in for the device, the calling thread is the
+// stream, and copies are memcpy, optionally paced by an emulated link.
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <thread>
+
+#include "expertflow/backend.h"
+#include "expertflow/error.h"
+#include "common/backends.h"
+
+namespace expertflow {
+
+namespace {
+
+constexpr std::size_t kPageBytes = 4096;
+
+class CpuFence final : public Fence {};
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(LinkModel link) : link_(link) {
+    EF_CHECK(link.gbps >= 0.0, "link bandwidth must be >= 0 GB/s, got ", link.gbps);
+    EF_CHECK(link.latency_us >= 0.0, "link latency must be >= 0 us, got ", link.latency_us);
+  }
+
+  DeviceKind kind() const override { return DeviceKind::kCpu; }
+  std::string name() const override { return "cpu"; }
+
+  void* alloc_host(std::size_t bytes) override { return allocate(bytes, "host"); }
+  void free_host(void* ptr) noexcept override { std::free(ptr); }
+  void register_host(void*, std::size_t) override {}
+  void unregister_host(void*) noexcept override {}
+  void* alloc_device(std::size_t bytes) override { return allocate(bytes, "device arena"); }
+  void free_device(void* ptr) noexcept override { std::free(ptr); }
+
+  StreamHandle create_stream(bool) override { return 0; }
+  void destroy_stream(StreamHandle) noexcept override {}
+  void check_stream(StreamHandle stream) const override {
+    EF_CHECK(stream == 0, "the CPU backend has no streams: pass stream 0, got ", stream);
+  }
+
+  std::unique_ptr<Fence> create_fence() override { return std::make_unique<CpuFence>(); }
+  // Work on the CPU "stream" ran synchronously on the thread that issued it.
+  void record(Fence&, StreamHandle) override {}
+  void wait(StreamHandle, Fence&) override {}
+  void synchronize(Fence&) override {}
+
+  void copy_to_device(void* dst, const void* src, std::size_t bytes, StreamHandle) override {
+    if (link_.gbps <= 0.0) {
+      std::memcpy(dst, src, bytes);
+      return;
+    }
+    // Copies share one emulated link: each takes its turn, then lasts latency plus
+    // bytes over bandwidth, however fast the memcpy itself was.
+    using Clock = std::chrono::steady_clock;
+    auto duration = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(
+        link_.latency_us * 1e-6 + static_cast<double>(bytes) / (link_.gbps * 1e9)));
+    Clock::time_point end;
+    {
+      std::lock_guard<std::mutex> lock(link_mutex_);
+      end = std::max(Clock::now(), link_free_at_) + duration;
+      link_free_at_ = end;
+    }
+    std::memcpy(dst, src, bytes);
+    std::this_thread::sleep_until(end);
+  }
+
+ private:
+  static void* allocate(std::size_t bytes, const char* what) {
+    EF_CHECK(bytes > 0, "cannot allocate 0 bytes of ", what, " memory");
+    std::size_t rounded = (bytes + kPageBytes - 1) / kPageBytes * kPageBytes;
+    void* ptr = std::aligned_alloc(kPageBytes, rounded);
+    if (ptr == nullptr) EF_THROW(OutOfMemory, "could not allocate ", bytes, " bytes of ", what, " memory");
+    return ptr;
+  }
+
+  LinkModel link_;
+  std::mutex link_mutex_;
+  std::chrono::steady_clock::time_point link_free_at_{};
+};
+
+}  // namespace
+
+std::shared_ptr<Backend> make_cpu_backend(LinkModel link) {
+  return std::make_shared<CpuBackend>(link);
+}
+
+}  // namespace expertflow
