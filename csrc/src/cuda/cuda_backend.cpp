@@ -153,7 +153,10 @@ BackendInfo cuda_backend_info(std::string* runtime_version) {
   }
   int count = 0;
   cudaError_t status = cudaGetDeviceCount(&count);
-  if (status != cudaSuccess) {
+  if (status == cudaErrorInsufficientDriver) {
+    info.reason = "no CUDA driver, or one older than the CUDA " + *runtime_version +
+                  " runtime this build links (" + cudaGetErrorString(status) + ")";
+  } else if (status != cudaSuccess) {
     info.reason = std::string("no usable CUDA device: ") + cudaGetErrorString(status);
   } else if (count == 0) {
     info.reason = "no CUDA device present";
