@@ -149,6 +149,7 @@ class ExpertCache {
   int current_layer_ = -1;
   std::uint64_t tick_ = 0;
   bool closed_ = false;
+  int copies_outside_lock_ = 0;  // demand copies issued by threads not holding the lock
   CacheStats stats_;
 };
 

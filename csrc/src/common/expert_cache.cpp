@@ -161,6 +161,7 @@ void ExpertCache::ensure_issued(Lock& lock, int slot) {
     ++stats_.misses;
     ++stats_.layers[view.layer].misses;
     stats_.bytes_demand += request.bytes;
+    ++copies_outside_lock_;
     lock.unlock();
     std::string error;
     try {
@@ -169,6 +170,7 @@ void ExpertCache::ensure_issued(Lock& lock, int slot) {
       error = e.what();
     }
     lock.lock();
+    --copies_outside_lock_;
     s.loading = false;
     s.issued = true;
     s.stale = !error.empty();
@@ -515,6 +517,8 @@ void ExpertCache::close() {
     for (ReadFence& read : s.read_fences) backend_->synchronize(*read.fence);
   }
   Lock lock(mutex_);
+  // A demand copy another thread started before the close may still be writing a slot.
+  issued_cv_.wait(lock, [this] { return copies_outside_lock_ == 0; });
   arena_.reset();
 }
 
