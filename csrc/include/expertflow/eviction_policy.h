@@ -32,7 +32,7 @@ struct SlotView {
   int key = -1;  // -1: empty
   int layer = -1;
   std::uint64_t last_use = 0;  // tick of the last acquire
-  bool evictable = false;      // resident, not pinned and not in flight
+  bool evictable = false;      // not pinned, not in flight, and the policy may evict it
 };
 
 // The state a victim is chosen from. Prediction of a key: confidence[key] >= 0, for the
@@ -75,6 +75,11 @@ class EvictionPolicy {
   }
   // Whether a key stays resident after its last release.
   virtual bool retains(int key) const {
+    (void)key;
+    return true;
+  }
+  // Whether a resident key may ever be a victim; the cache shows only such slots.
+  virtual bool may_evict(int key) const {
     (void)key;
     return true;
   }

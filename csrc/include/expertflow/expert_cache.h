@@ -108,6 +108,7 @@ class ExpertCache {
     bool loading = false;
     bool issued = true;
     bool prefetched = false;  // brought in by a prefetch, not yet acquired
+    bool demanded = false;    // while stale: an acquire has counted its copy as a miss
     std::uint32_t pins = 0;
     std::uint64_t generation = 0;  // bumped on every new assignment
     std::uint64_t ticket = 0;      // the engine's ticket while a prefetch is queued
@@ -146,6 +147,7 @@ class ExpertCache {
   std::vector<SlotView> views_;      // what the policy sees, kept in step with slots_
   std::vector<int> slot_of_;         // per key: its slot, or -1
   std::vector<float> confidence_;    // per key: prediction, or -1
+  int never_evicted_ = 0;  // keys the policy never evicts (a static set)
   int current_layer_ = -1;
   std::uint64_t tick_ = 0;
   bool closed_ = false;

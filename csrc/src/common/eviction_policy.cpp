@@ -12,13 +12,12 @@ namespace {
 
 // The candidate that minimises `rank` (a tuple, compared lexicographically); the lowest
 // slot index wins ties.
-template <typename Rank, typename Allowed = bool (*)(int)>
-int argmin_candidate(const VictimQuery& query, Rank rank,
-                     Allowed allowed = [](int) { return true; }) {
+template <typename Rank>
+int argmin_candidate(const VictimQuery& query, Rank rank) {
   int best = -1;
   decltype(rank(0)) best_rank{};
   for (int slot = 0; slot < static_cast<int>(query.slots.size()); ++slot) {
-    if (!query.candidate(slot) || !allowed(slot)) continue;
+    if (!query.candidate(slot)) continue;
     auto r = rank(slot);
     if (best < 0 || r < best_rank) {
       best = slot;
@@ -78,11 +77,10 @@ class StaticPolicy final : public EvictionPolicy {
     }
   }
   bool retains(int key) const override { return in_set_[key]; }
+  bool may_evict(int key) const override { return !in_set_[key]; }
+  // Only the slots that stream other experts are candidates.
   int choose_victim(const VictimQuery& query) override {
-    // Set members are never victims: only the slots that stream other experts are.
-    return argmin_candidate(
-        query, [&](int slot) { return query.slots[slot].last_use; },
-        [&](int slot) { return !in_set_[query.slots[slot].key]; });
+    return argmin_candidate(query, [&](int slot) { return query.slots[slot].last_use; });
   }
 
  private:

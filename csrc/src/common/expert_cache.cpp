@@ -47,6 +47,7 @@ ExpertCache::ExpertCache(std::shared_ptr<HostPool> pool, int num_slots,
     slots_[slot].copy_fence = backend_->create_fence();
     refresh_evictable(slot);
   }
+  for (int key = 0; key < layout_.num_keys(); ++key) never_evicted_ += !policy_->may_evict(key);
   slot_of_.assign(layout_.num_keys(), -1);
   confidence_.assign(layout_.num_keys(), -1.0f);
   stats_.layers.resize(layout_.num_layers());
@@ -93,7 +94,9 @@ int ExpertCache::take_victim(const VictimQuery& query) const {
 }
 
 void ExpertCache::refresh_evictable(int slot) {
-  views_[slot].evictable = slots_[slot].pins == 0 && !slots_[slot].loading;
+  const Slot& s = slots_[slot];
+  int key = views_[slot].key;
+  views_[slot].evictable = s.pins == 0 && !s.loading && (key < 0 || policy_->may_evict(key));
 }
 
 // Gives the slot to `key`, evicting what it held. The slot becomes stale: the next
@@ -114,6 +117,7 @@ void ExpertCache::assign(int slot, int key) {
   s.loading = false;
   s.issued = true;
   s.prefetched = false;
+  s.demanded = false;
   s.ticket = 0;
   refresh_evictable(slot);
 }
@@ -125,6 +129,7 @@ void ExpertCache::cancel_queued_prefetch(int slot) {
   s.loading = false;
   s.issued = true;
   s.stale = true;
+  s.demanded = false;
   s.ticket = 0;
   ++stats_.prefetch_cancelled;
   refresh_evictable(slot);
@@ -158,8 +163,6 @@ void ExpertCache::ensure_issued(Lock& lock, int slot) {
     s.issued = false;
     CopyRequest request = copy_request(slot);
     const SlotView view = views_[slot];
-    ++stats_.misses;
-    ++stats_.layers[view.layer].misses;
     stats_.bytes_demand += request.bytes;
     ++copies_outside_lock_;
     lock.unlock();
@@ -174,6 +177,7 @@ void ExpertCache::ensure_issued(Lock& lock, int slot) {
     s.loading = false;
     s.issued = true;
     s.stale = !error.empty();
+    s.demanded = false;
     issued_cv_.notify_all();
     if (!error.empty()) {
       EF_THROW(BackendError, "copy of expert ", layout_.expert_of(view.key), " at layer ",
@@ -189,6 +193,13 @@ std::vector<void*> ExpertCache::acquire(int layer, const std::vector<int>& exper
   const int n = static_cast<int>(keys.size());
   EF_CHECK(n <= num_slots_, "acquiring ", n, " experts at layer ", layer, " needs ", n,
            " slots; the cache has ", num_slots_);
+
+  int evictable_keys = 0;
+  for (int key : keys) evictable_keys += policy_->may_evict(key);
+  EF_CHECK(evictable_keys <= num_slots_ - never_evicted_, "policy ", policy_name_, " keeps ",
+           never_evicted_, " experts resident, leaving ", num_slots_ - never_evicted_,
+           " slots for the others; acquiring ", evictable_keys, " of those at layer ", layer,
+           " needs ", evictable_keys);
 
   Lock lock(mutex_);
   check_open();
@@ -263,19 +274,25 @@ std::vector<void*> ExpertCache::acquire(int layer, const std::vector<int>& exper
       refresh_evictable(slot);
     } else {
       cancel_queued_prefetch(slot);
-      if (!s.stale) {
-        ++stats_.hits;
-        ++layer_stats.hits;
-        if (s.prefetched) {
-          ++stats_.prefetch_hits;
-          ++stats_.prefetch_used;
-          ++layer_stats.prefetch_hits;
-        }
-      } else if (s.prefetched) {
-        ++stats_.prefetch_wasted;
-      }
-      s.prefetched = false;
+      if (s.stale && s.prefetched) ++stats_.prefetch_wasted;
     }
+    // A miss is counted once per copy on demand: by the acquire that finds no copy done
+    // or under way. Acquires that find one (prefetched or demanded by another caller)
+    // hit, and wait for it below.
+    if (s.stale && !s.demanded) {
+      s.demanded = true;
+      ++stats_.misses;
+      ++layer_stats.misses;
+    } else {
+      ++stats_.hits;
+      ++layer_stats.hits;
+      if (s.prefetched) {
+        ++stats_.prefetch_hits;
+        ++stats_.prefetch_used;
+        ++layer_stats.prefetch_hits;
+      }
+    }
+    s.prefetched = false;
     views_[slot].last_use = tick_;
   }
   // This layer's predictions were for this step: drop them, and the prefetches for it
