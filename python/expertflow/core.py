@@ -32,8 +32,8 @@ def build_info() -> dict[str, Any]:
 
 def parse_bytes(size: int | str) -> int:
     """Bytes from an int or a string such as "12GiB", "512 MB" or "1.5GB"."""
-    if isinstance(size, bool):
-        raise ValueError(f"expected a byte count, got {size!r}")
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ValueError(f"expected a byte count (int) or a size string, got {size!r}")
     if isinstance(size, int):
         if size < 0:
             raise ValueError(f"byte count must be >= 0, got {size}")
@@ -42,7 +42,10 @@ def parse_bytes(size: int | str) -> int:
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:
         raise ValueError(f"cannot read {size!r} as a size; use bytes or e.g. '12GiB', '512MB'")
-    return int(float(match.group(1)) * _UNITS[unit])
+    count = float(match.group(1)) * _UNITS[unit]
+    if count != int(count):
+        raise ValueError(f"{size!r} is not a whole number of bytes")
+    return int(count)
 
 
 def parse_device(device: str) -> tuple[str, int]:
@@ -82,7 +85,10 @@ class HostPool:
         if buffer is None:
             self._pool = _C.HostPool(backend, layout)
         else:
-            view = memoryview(buffer).cast("B")
+            view = memoryview(buffer)
+            if not view.c_contiguous:
+                raise ValueError("the buffer for a HostPool must be C-contiguous")
+            view = view.cast("B")
             if view.readonly:
                 raise ValueError("the buffer for a HostPool must be writable")
             address = ctypes.addressof(ctypes.c_char.from_buffer(view))

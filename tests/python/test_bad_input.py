@@ -323,3 +323,18 @@ def test_view_is_bounded(patterns):
     assert bytes(view) == patterns.blobs[(1, 3)]
     with pytest.raises(ValueError):
         view[:] = np.zeros(1001, np.uint8)
+
+
+def test_parse_bytes_rejects_fractions_of_a_byte_and_floats():
+    with pytest.raises(ValueError, match="1.5B"):
+        ef.parse_bytes("1.5B")
+    with pytest.raises(ValueError, match="1.5"):
+        ef.parse_bytes(1.5)
+    assert ef.parse_bytes("1.5KiB") == 1536
+
+
+def test_non_contiguous_buffer_is_a_value_error():
+    layout = ef.ExpertLayout(1, 2, 256)
+    strided = np.zeros(4 * layout.total_bytes, dtype=np.uint8)[::2]
+    with pytest.raises(ValueError, match="contiguous"):
+        ef.HostPool(layout, buffer=strided)

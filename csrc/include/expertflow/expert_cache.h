@@ -82,6 +82,7 @@ class ExpertCache {
 
   CacheStats stats() const;
   void reset_stats();
+  // Whether the expert holds a slot: copied, or with its copy queued or in flight.
   bool resident(int layer, int expert) const;
 
   // Cancels queued prefetches, waits for copies in flight and the reads released so far,
