@@ -75,6 +75,9 @@ void register_cache(py::module_& m) {
            py::arg("stream") = 0, Release())
       .def("stats", [](const ExpertCache& c) { return stats_dict(c.stats()); })
       .def("reset_stats", &ExpertCache::reset_stats)
+      .def("slot_address",
+           [](const ExpertCache& c, int slot) { return reinterpret_cast<std::uintptr_t>(c.slot_address(slot)); },
+           py::arg("slot"))
       .def("resident", &ExpertCache::resident, py::arg("layer"), py::arg("expert"))
       .def("close", &ExpertCache::close, Release())
       .def_property_readonly("closed", &ExpertCache::closed)

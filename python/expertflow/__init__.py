@@ -15,6 +15,8 @@ from expertflow.core import (
 )
 
 __all__ = [
+    "OffloadHandle",
+    "offload",
     "ExpertCache",
     "ExpertLayout",
     "HostPool",
@@ -23,3 +25,12 @@ __all__ = [
     "parse_device",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # offload() needs torch and transformers; the core does not, so they load on first use.
+    if name in ("offload", "OffloadHandle"):
+        from expertflow import offloading
+
+        return getattr(offloading, name)
+    raise AttributeError(f"module 'expertflow' has no attribute {name!r}")

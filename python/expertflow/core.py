@@ -194,6 +194,10 @@ class ExpertCache:
     def resident(self, layer: int, expert: int) -> bool:
         return self._cache.resident(layer, expert)
 
+    def slot_address(self, slot: int) -> int:
+        """Device address of a slot; slots lie `slot_bytes` apart in one allocation."""
+        return self._cache.slot_address(slot)
+
     @property
     def num_slots(self) -> int:
         return self._cache.num_slots

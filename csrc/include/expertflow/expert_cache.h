@@ -90,6 +90,9 @@ class ExpertCache {
   void close();
   bool closed() const;
 
+  // The device address of a slot; slots are slot_bytes() apart, so that a caller can view
+  // the whole arena as one tensor. Throws InvalidArgument out of range, StateError closed.
+  void* slot_address(int slot) const;
   int num_slots() const { return num_slots_; }
   std::size_t slot_bytes() const { return slot_bytes_; }
   const std::string& policy_name() const { return policy_name_; }

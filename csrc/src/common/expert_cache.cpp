@@ -514,6 +514,13 @@ bool ExpertCache::resident(int layer, int expert) const {
   return slot >= 0 && !slots_[slot].stale;
 }
 
+void* ExpertCache::slot_address(int slot) const {
+  EF_CHECK(slot >= 0 && slot < num_slots_, "slot ", slot, " out of range [0, ", num_slots_, ")");
+  Lock lock(mutex_);
+  check_open();
+  return arena_->slot(slot);
+}
+
 bool ExpertCache::closed() const {
   Lock lock(mutex_);
   return closed_;
