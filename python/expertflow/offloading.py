@@ -262,8 +262,8 @@ def offload(
     per expert of the largest layer, since one forward of a layer may use all of them.
     Non-expert weights move to `device`. On any error the model is left as it was.
     """
-    torch_device = torch.device(device)
     parse_device(device)  # "cpu", "cuda" or "cuda:N", with a clear error otherwise
+    torch_device = torch.device(device)
     plans = [_ExpertsPlan.of(n, m) for n, m in model.named_modules() if _is_experts_module(m)]
     if any("_expertflow" in p.module.__dict__ for p in plans):
         raise ValueError("this model is already offloaded; call restore() on its handle first")

@@ -1,0 +1,203 @@
+"""offload() on a tiny Mixtral: the handle, restore(), memory, and bad input.
+
+The per-architecture exactness sweep is in test_offload_exact.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+import expertflow as ef
+
+LAYERS, EXPERTS = 3, 8
+
+
+def tiny_mixtral(implementation: str = "grouped_mm", seed: int = 0) -> MixtralForCausalLM:
+    config = MixtralConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=EXPERTS, num_experts_per_tok=2, vocab_size=128,
+    )
+    config._experts_implementation = implementation
+    torch.manual_seed(seed)
+    return MixtralForCausalLM(config).eval()
+
+
+def inputs(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(seed))
+
+
+def snapshot(model) -> dict:
+    """Everything offload() may change: tensors (values, devices, storage) and the implementation."""
+    return {
+        "tensors": {n: (t.detach().clone(), t.device, t.data_ptr()) for n, t in model.state_dict().items()},
+        "implementation": model.get_experts_implementation(),
+        "runners": [m for m in model.modules() if "_expertflow" in m.__dict__],
+    }
+
+
+def assert_unchanged(model, before: dict) -> None:
+    after = snapshot(model)
+    assert after["implementation"] == before["implementation"]
+    assert after["runners"] == []
+    for name, (value, device, ptr) in before["tensors"].items():
+        now, now_device, now_ptr = after["tensors"][name]
+        assert now_device == device and torch.equal(now, value), name
+
+
+def test_handle_reports_slots_and_stats_and_state_dict_views_the_pool():
+    model = tiny_mixtral()
+    expected = {n: t.clone() for n, t in model.state_dict().items()}
+    with ef.offload(model, "cpu", slots=EXPERTS + 2, policy="lru") as handle:
+        assert handle.num_slots == EXPERTS + 2
+        with torch.no_grad():
+            model(inputs())
+        stats = handle.stats()
+        assert stats["misses"] > 0 and stats["hits"] + stats["misses"] > 0
+        assert [layer["name"] for layer in stats["layers"]] == [
+            f"model.layers.{i}.mlp.experts" for i in range(LAYERS)
+        ]
+        assert stats["policy"] == "lru" and stats["slot_bytes"] == handle.slot_bytes
+        pool_start = handle.cache.pool.address
+        pool_end = pool_start + handle.cache.pool.nbytes
+        state = model.state_dict()
+        for name, value in expected.items():
+            assert torch.equal(state[name], value), name
+            if ".experts." in name:  # a view of the pool, not a copy
+                assert pool_start <= state[name].data_ptr() < pool_end, name
+        handle.reset_stats()
+        assert handle.stats()["misses"] == 0
+
+
+def test_budget_sizes_slots_and_restore_gives_back_the_stock_model():
+    model = tiny_mixtral()
+    ids = inputs()
+    with torch.no_grad():
+        reference = model(ids).logits
+    before = snapshot(model)
+    handle = ef.offload(model, "cpu", budget=10**7, policy="expertflow")
+    assert handle.num_slots == 10**7 // handle.slot_bytes
+    handle.restore()
+    handle.restore()  # idempotent
+    assert_unchanged(model, before)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference)
+    with pytest.raises(RuntimeError, match="closed"):
+        handle.cache.acquire(0, [0])
+
+
+def test_offloading_twice_is_refused():
+    model = tiny_mixtral()
+    with ef.offload(model, "cpu", slots=EXPERTS):
+        with pytest.raises(ValueError, match="already offloaded"):
+            ef.offload(model, "cpu", slots=EXPERTS)
+
+
+def test_model_without_moe_layers():
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, vocab_size=64)
+    model = LlamaForCausalLM(config).eval()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="LlamaForCausalLM has no experts module"):
+        ef.offload(model, "cpu", slots=4)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("kwargs", [{"slots": EXPERTS - 1}, {"budget": 1000}, {"budget": "0B"}])
+def test_budget_below_the_minimum_names_it_in_bytes_and_slots(kwargs):
+    model = tiny_mixtral()
+    before = snapshot(model)
+    slot_bytes = ef.offloading._align(max(p.blob_bytes for p in _plans(model)))
+    with pytest.raises(ValueError, match=rf"minimum of {EXPERTS} slots = {EXPERTS * slot_bytes} bytes"):
+        ef.offload(model, "cpu", **kwargs)
+    assert_unchanged(model, before)
+
+
+def test_budget_and_slots_together_or_neither():
+    model = tiny_mixtral()
+    for kwargs in ({}, {"slots": 8, "budget": "1GiB"}):
+        with pytest.raises(ValueError, match="exactly one of budget= or slots="):
+            ef.offload(model, "cpu", **kwargs)
+
+
+@pytest.mark.skipif(ef.build_info()["backends"]["cuda"]["usable"], reason="CUDA is usable here")
+def test_cuda_without_cuda():
+    model = tiny_mixtral()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="CUDA"):
+        ef.offload(model, "cuda", slots=EXPERTS)
+    assert_unchanged(model, before)
+
+
+def test_unknown_device_string():
+    with pytest.raises(ValueError, match="'tpu'"):
+        ef.offload(tiny_mixtral(), "tpu", slots=EXPERTS)
+
+
+def test_unknown_layout_is_refused_and_the_model_left_alone():
+    model = tiny_mixtral()
+    experts = model.model.layers[1].mlp.experts
+    experts.scale = torch.nn.Parameter(torch.ones(EXPERTS, 4))  # a per-expert tensor of no known role
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.experts \(MixtralExperts\).*'scale'"):
+        ef.offload(model, "cpu", slots=EXPERTS)
+    assert_unchanged(model, before)
+
+
+def test_unknown_policy_leaves_the_model_alone():
+    model = tiny_mixtral()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match='"mru"'):
+        ef.offload(model, "cpu", slots=EXPERTS, policy="mru")
+    assert_unchanged(model, before)
+
+
+def test_a_failure_midway_is_rolled_back(monkeypatch):
+    model = tiny_mixtral()
+    before = snapshot(model)
+
+    def refuse(_implementation):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(model, "set_experts_implementation", refuse)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        ef.offload(model, "cpu", slots=EXPERTS)
+    monkeypatch.undo()
+    assert_unchanged(model, before)
+
+
+def test_experts_implementation_without_offload_is_a_clear_error():
+    import expertflow.offloading  # noqa: F401  registers the implementation
+
+    model = tiny_mixtral()
+    model.set_experts_implementation("expertflow")
+    with pytest.raises(RuntimeError, match="not offloaded by expertflow.offload"):
+        with torch.no_grad():
+            model(inputs())
+
+
+def test_decode_syncs_once_per_moe_layer(monkeypatch):
+    """The experts forward reads the chosen experts once (Tensor.tolist) and nothing else."""
+    model = tiny_mixtral()
+    calls = []
+    real_tolist = torch.Tensor.tolist
+
+    def counting_tolist(self):
+        calls.append(tuple(self.shape))
+        return real_tolist(self)
+
+    with ef.offload(model, "cpu", slots=EXPERTS + 4):
+        monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+        with torch.no_grad():
+            model(inputs()[:, :1])
+        monkeypatch.undo()
+    assert len(calls) == LAYERS
+
+
+def _plans(model):
+    return [
+        ef.offloading._ExpertsPlan.of(n, m)
+        for n, m in model.named_modules()
+        if ef.offloading._is_experts_module(m)
+    ]
