@@ -1,0 +1,70 @@
+"""Shared pieces of the Python benchmarks: a Mixtral-shaped model and result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from transformers import MixtralConfig, MixtralForCausalLM
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def mixtral_like(
+    hidden: int = 1024,
+    intermediate: int = 2048,
+    layers: int = 4,
+    experts: int = 8,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> MixtralForCausalLM:
+    """A Mixtral-shaped model with deterministic random weights (top-2 routing)."""
+    config = MixtralConfig(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=hidden // 128, num_key_value_heads=max(1, hidden // 512),
+        num_local_experts=experts, num_experts_per_tok=2, vocab_size=1024,
+        max_position_embeddings=4096,
+    )
+    config._experts_implementation = "grouped_mm"
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = MixtralForCausalLM(config)
+    model = model.to_empty(device="cpu").to(dtype)
+    for param in model.parameters():  # small values keep deep random stacks finite
+        torch.nn.init.normal_(param, std=0.02)
+    return model.eval()
+
+
+def expert_bytes(model) -> int:
+    return sum(
+        p.numel() * p.element_size()
+        for name, p in model.named_parameters()
+        if ".experts." in name
+    )
+
+
+def machine() -> dict:
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        platform.processor(),
+    )
+    info = {
+        "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def save(name: str, result: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **result}, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
