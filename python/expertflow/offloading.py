@@ -50,24 +50,47 @@ def _is_experts_module(module: torch.nn.Module) -> bool:
 
 @dataclass
 class _TensorSpec:
-    name: str  # parameter name in the experts module
-    shape: tuple[int, ...]  # of one expert's slice
+    name: str  # parameter name, in the experts module or in one expert's module
+    shape: tuple[int, ...]  # of one expert's tensor
     dtype: torch.dtype
     offset: int  # bytes from the start of the expert's blob
 
 
+def _blob_specs(named: list[tuple[str, torch.Tensor]]) -> tuple[list[_TensorSpec], int]:
+    """Where one expert's tensors go in its blob: back to back, each 256-byte aligned."""
+    specs, offset = [], 0
+    for name, tensor in named:
+        specs.append(_TensorSpec(name, tuple(tensor.shape), tensor.dtype, offset))
+        offset = _align(offset + tensor.numel() * tensor.element_size())
+    return specs, offset
+
+
 @dataclass
 class _ExpertsPlan:
-    """One experts module: which parameters are per-expert, and where they sit in a blob."""
+    """One layer's experts: which tensors are per-expert, and where they sit in a blob.
+
+    Two kinds: a fused experts module decorated by transformers (one parameter per tensor
+    kind, indexed by expert), or a ModuleList of expert MLPs (older and remote-code
+    models), whose experts keep their own forward.
+    """
 
     name: str
     module: torch.nn.Module
     num_experts: int
     tensors: list[_TensorSpec]
     blob_bytes: int
+    # params[spec.name][e]: expert e's tensor as a Parameter (ModuleList), or [the fused
+    # Parameter holding all experts].
+    params: dict[str, list[torch.nn.Parameter]]
+    fused: bool
+
+    @property
+    def offloaded(self) -> bool:
+        patched = self.module if self.fused else self.module[0]
+        return "_expertflow" in patched.__dict__ or "forward" in patched.__dict__
 
     @classmethod
-    def of(cls, name: str, module: torch.nn.Module) -> _ExpertsPlan:
+    def fused_module(cls, name: str, module: torch.nn.Module) -> _ExpertsPlan:
         params = dict(module.named_parameters(recurse=False))
         projections = ["gate_up_proj" if module.has_gate else "up_proj", "down_proj"]
         expected = projections + [p + "_bias" for p in projections if module.has_bias]
@@ -87,12 +110,36 @@ class _ExpertsPlan:
                 f"expects per-expert parameters {expected}, and found "
                 f"{ {n: tuple(p.shape) for n, p in params.items()} }"
             )
-        tensors, offset = [], 0
-        for n in expected:
-            p = params[n]
-            tensors.append(_TensorSpec(n, tuple(p.shape[1:]), p.dtype, offset))
-            offset = _align(offset + p[0].numel() * p.element_size())
-        return cls(name, module, num_experts, tensors, offset)
+        specs, blob_bytes = _blob_specs([(n, params[n][0]) for n in expected])
+        return cls(name, module, num_experts, specs, blob_bytes, {n: [params[n]] for n in expected}, True)
+
+    @classmethod
+    def module_list(cls, name: str, experts: torch.nn.ModuleList) -> _ExpertsPlan:
+        named = [list(expert.named_parameters()) for expert in experts]
+        shapes = [[(n, p.shape, p.dtype) for n, p in expert] for expert in named]
+        if any(type(e) is not type(experts[0]) for e in experts) or any(s != shapes[0] for s in shapes):
+            raise ValueError(
+                f"{name} is a ModuleList of experts whose members differ in class or in their "
+                "parameters; expertflow needs equal experts"
+            )
+        specs, blob_bytes = _blob_specs(named[0])
+        params = {n: [dict(expert)[n] for expert in named] for n, _ in named[0]}
+        return cls(name, experts, len(experts), specs, blob_bytes, params, False)
+
+
+def _find_experts(model: torch.nn.Module) -> list[_ExpertsPlan]:
+    plans = []
+    for name, module in model.named_modules():
+        if _is_experts_module(module):
+            plans.append(_ExpertsPlan.fused_module(name, module))
+        elif (
+            isinstance(module, torch.nn.ModuleList)
+            and name.rsplit(".", 1)[-1] == "experts"
+            and len(module) > 1
+            and any(True for _ in module.parameters())
+        ):
+            plans.append(_ExpertsPlan.module_list(name, module))
+    return plans
 
 
 def _arena_tensor(cache: ExpertCache, device: torch.device) -> torch.Tensor:
@@ -139,15 +186,12 @@ class _SlotExperts:
 
 
 @dataclass
-class _LayerRunner:
-    """The experts forward of one offloaded layer."""
+class _Slots:
+    """The cache of one offload() and what a layer's forward needs to use it."""
 
-    layer: int
     cache: ExpertCache
-    slot_experts: _SlotExperts
-    inner: Callable
-    arena_address: int
-    slot_bytes: int
+    arena: torch.Tensor  # every slot, as bytes on the device
+    address: int  # of slot 0
     device: torch.device
 
     def stream(self) -> int:
@@ -155,17 +199,60 @@ class _LayerRunner:
             return torch.cuda.current_stream(self.device).cuda_stream
         return 0
 
+    def slot_of(self, address: int) -> int:
+        return (address - self.address) // self.cache.slot_bytes
+
+    def views(self, spec: _TensorSpec) -> torch.Tensor:
+        """Tensor `spec` of every slot: [num_slots, *spec.shape]."""
+        return _strided_view(self.arena, spec, self.cache.num_slots, self.cache.slot_bytes)
+
+
+@dataclass
+class _FusedRunner:
+    """The experts forward of one fused experts module, registered with transformers."""
+
+    layer: int
+    slots: _Slots
+    slot_experts: _SlotExperts
+    inner: Callable
+
     def __call__(self, hidden_states, top_k_index, top_k_weights):
         experts, inverse = torch.unique(top_k_index, sorted=True, return_inverse=True)
         chosen = experts.tolist()  # the layer's one device-to-host synchronisation
-        stream = self.stream()
-        addresses = self.cache.acquire(self.layer, chosen, stream)
+        stream = self.slots.stream()
+        addresses = self.slots.cache.acquire(self.layer, chosen, stream)
         try:
-            slots = [(a - self.arena_address) // self.slot_bytes for a in addresses]
-            slot_index = torch.tensor(slots, device=self.device)[inverse]
+            slot_ids = [self.slots.slot_of(a) for a in addresses]
+            slot_index = torch.tensor(slot_ids, device=self.slots.device)[inverse]
             return self.inner(self.slot_experts, hidden_states, slot_index, top_k_weights)
         finally:
-            self.cache.release(self.layer, chosen, stream)
+            self.slots.cache.release(self.layer, chosen, stream)
+
+
+@dataclass
+class _ExpertRunner:
+    """The forward of one expert of a ModuleList: its own forward, on its slot's weights."""
+
+    layer: int
+    expert: int
+    module: torch.nn.Module
+    slots: _Slots
+    params: dict[str, torch.nn.Parameter]
+    slot_views: dict[str, torch.Tensor]
+
+    def __call__(self, *args, **kwargs):
+        stream = self.slots.stream()
+        (address,) = self.slots.cache.acquire(self.layer, [self.expert], stream)
+        slot = self.slots.slot_of(address)
+        pooled = {name: p.data for name, p in self.params.items()}
+        try:
+            for name, param in self.params.items():
+                param.data = self.slot_views[name][slot]
+            return type(self.module).forward(self.module, *args, **kwargs)
+        finally:
+            for name, param in self.params.items():
+                param.data = pooled[name]
+            self.slots.cache.release(self.layer, [self.expert], stream)
 
 
 def _experts_forward(module, hidden_states, top_k_index, top_k_weights):
@@ -188,7 +275,7 @@ class _Undo:
     implementation: dict | None = None
     moved: list[tuple[torch.Tensor, torch.device]] = field(default_factory=list)
     pooled: list[tuple[torch.nn.Parameter, torch.device]] = field(default_factory=list)
-    runners: list[torch.nn.Module] = field(default_factory=list)
+    patched: list[tuple[torch.nn.Module, str]] = field(default_factory=list)
 
 
 class OffloadHandle:
@@ -232,9 +319,9 @@ class OffloadHandle:
 
 
 def _undo(model, undo: _Undo) -> None:
-    for module in undo.runners:
-        module.__dict__.pop("_expertflow", None)
-    undo.runners.clear()
+    for module, attribute in undo.patched:
+        module.__dict__.pop(attribute, None)
+    undo.patched.clear()
     if undo.implementation is not None:
         model.set_experts_implementation(undo.implementation)
         undo.implementation = None
@@ -259,20 +346,23 @@ def offload(
     """Runs `model`'s experts from a host pool through a cache of device slots.
 
     Give `budget` (bytes or a string such as "12GiB") or `slots`. The minimum is one slot
-    per expert of the largest layer, since one forward of a layer may use all of them.
-    Non-expert weights move to `device`. On any error the model is left as it was.
+    per expert of a layer, since one forward of a layer may use all of them. Non-expert
+    weights move to `device`. Policy options (`static_experts`, `lfu_decay`, ...) pass to
+    ExpertCache. On any error the model is left as it was.
     """
     parse_device(device)  # "cpu", "cuda" or "cuda:N", with a clear error otherwise
     torch_device = torch.device(device)
-    plans = [_ExpertsPlan.of(n, m) for n, m in model.named_modules() if _is_experts_module(m)]
-    if any("_expertflow" in p.module.__dict__ for p in plans):
-        raise ValueError("this model is already offloaded; call restore() on its handle first")
+    plans = _find_experts(model)
     if not plans:
         raise ValueError(
             f"{type(model).__name__} has no experts module expertflow can offload: none of its "
-            "modules is decorated with transformers' use_experts_implementation"
+            "modules is decorated with transformers' use_experts_implementation or is a "
+            "ModuleList named experts"
         )
-    if not model._can_set_experts_implementation():
+    if any(p.offloaded for p in plans):
+        raise ValueError("this model is already offloaded; call restore() on its handle first")
+    fused = any(p.fused for p in plans)
+    if fused and not model._can_set_experts_implementation():
         raise ValueError(f"{type(model).__name__} does not let transformers set its experts implementation")
     counts = {p.num_experts for p in plans}
     if len(counts) != 1:
@@ -295,40 +385,47 @@ def offload(
     pool = HostPool(layout, str(torch_device))
     cache = ExpertCache(pool, slots=num_slots, policy=policy, prefetch_streams=prefetch_streams, **policy_options)
     pool_bytes = torch.frombuffer(memoryview(pool._pool), dtype=torch.uint8)
-    arena = _arena_tensor(cache, torch_device)
-    before = model.get_experts_implementation()
+    slot_table = _Slots(cache, _arena_tensor(cache, torch_device), cache.slot_address(0), torch_device)
+    before = model.get_experts_implementation() if fused else None
 
     undo = _Undo()
     try:
         _move_non_experts(model, plans, torch_device, undo)
         for layer, plan in enumerate(plans):
-            inner = _INNER.get(plan.module.config._experts_implementation, grouped_mm_experts_forward)
-            params = dict(plan.module.named_parameters(recurse=False))
-            slot_weights = {}
-            for spec in plan.tensors:
-                param = params[spec.name]
-                pooled = _strided_view(pool_bytes, spec, num_experts, plan.blob_bytes, layout.offset(layer, 0))
-                pooled.copy_(param.data)
-                undo.pooled.append((param, param.device))
-                param.data = pooled  # the original storage is freed here, layer by layer
-                slot_weights[spec.name] = _strided_view(arena, spec, num_slots, slot_bytes)
-            plan.module.__dict__["_expertflow"] = _LayerRunner(
-                layer, cache, _SlotExperts(plan.module, slot_weights, num_slots), inner,
-                cache.slot_address(0), slot_bytes, torch_device,
-            )
-            undo.runners.append(plan.module)
-        undo.implementation = before
-        model.set_experts_implementation(IMPLEMENTATION)
+            base = layout.offset(layer, 0)
+            for spec in plan.tensors:  # into the pool; each original is freed as it goes
+                pooled = _strided_view(pool_bytes, spec, num_experts, plan.blob_bytes, base)
+                tensors = plan.params[spec.name]
+                for param, target in zip(tensors, [pooled] if plan.fused else pooled):
+                    target.copy_(param.data)
+                    undo.pooled.append((param, param.device))
+                    param.data = target
+            if plan.fused:
+                implementation = plan.module.config._experts_implementation
+                weights = {spec.name: slot_table.views(spec) for spec in plan.tensors}
+                plan.module.__dict__["_expertflow"] = _FusedRunner(
+                    layer, slot_table, _SlotExperts(plan.module, weights, num_slots),
+                    _INNER.get(implementation, grouped_mm_experts_forward),
+                )
+                undo.patched.append((plan.module, "_expertflow"))
+            else:
+                views = {spec.name: slot_table.views(spec) for spec in plan.tensors}
+                for e, expert in enumerate(plan.module):
+                    params = {n: plan.params[n][e] for n in plan.params}
+                    expert.__dict__["forward"] = _ExpertRunner(layer, e, expert, slot_table, params, views)
+                    undo.patched.append((expert, "forward"))
+        if fused:
+            undo.implementation = before
+            model.set_experts_implementation(IMPLEMENTATION)
     except BaseException:
         _undo(model, undo)
         cache.close()
         raise
-    handle = OffloadHandle(model, cache, plans, undo)
-    return handle
+    return OffloadHandle(model, cache, plans, undo)
 
 
 def _move_non_experts(model, plans: list[_ExpertsPlan], device: torch.device, undo: _Undo) -> None:
-    experts = {id(p) for plan in plans for p in plan.module.parameters(recurse=False)}
+    experts = {id(p) for plan in plans for params in plan.params.values() for p in params}
     for tensor in [*model.parameters(), *model.buffers()]:
         if id(tensor) in experts or tensor.device == device:
             continue

@@ -196,8 +196,4 @@ def test_decode_syncs_once_per_moe_layer(monkeypatch):
 
 
 def _plans(model):
-    return [
-        ef.offloading._ExpertsPlan.of(n, m)
-        for n, m in model.named_modules()
-        if ef.offloading._is_experts_module(m)
-    ]
+    return ef.offloading._find_experts(model)
