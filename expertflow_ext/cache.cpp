@@ -82,6 +82,7 @@ void register_cache(py::module_& m) {
       .def("close", &ExpertCache::close, Release())
       .def_property_readonly("closed", &ExpertCache::closed)
       .def_property_readonly("num_slots", &ExpertCache::num_slots)
+      .def_property_readonly("max_acquire", &ExpertCache::max_acquire)
       .def_property_readonly("slot_bytes", &ExpertCache::slot_bytes)
       .def_property_readonly("policy", &ExpertCache::policy_name);
 }

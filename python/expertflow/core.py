@@ -203,6 +203,11 @@ class ExpertCache:
         return self._cache.num_slots
 
     @property
+    def max_acquire(self) -> int:
+        """The most experts one acquire may ask for (the slots less a static set)."""
+        return self._cache.max_acquire
+
+    @property
     def slot_bytes(self) -> int:
         return self._cache.slot_bytes
 

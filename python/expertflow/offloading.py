@@ -85,6 +85,14 @@ class _ExpertsPlan:
     fused: bool
 
     @property
+    def experts_per_token(self) -> int:
+        config = getattr(self.module, "config", None)
+        for name in ("num_experts_per_tok", "moe_k", "top_k"):
+            if isinstance(getattr(config, name, None), int):
+                return getattr(config, name)
+        return 1
+
+    @property
     def offloaded(self) -> bool:
         patched = self.module if self.fused else self.module[0]
         return "_expertflow" in patched.__dict__ or "forward" in patched.__dict__
@@ -217,13 +225,30 @@ class _FusedRunner:
     inner: Callable
 
     def __call__(self, hidden_states, top_k_index, top_k_weights):
-        experts, inverse = torch.unique(top_k_index, sorted=True, return_inverse=True)
+        experts, rank = torch.unique(top_k_index, sorted=True, return_inverse=True)
         chosen = experts.tolist()  # the layer's one device-to-host synchronisation
+        per_pass = self.slots.cache.max_acquire
+        if len(chosen) <= per_pass:
+            return self._run(chosen, rank, hidden_states, top_k_weights)
+        # More experts than slots (a long prefill on a small budget): one pass per group of
+        # experts, with the routing weights of the others zeroed, and the passes summed.
+        out = None
+        for start in range(0, len(chosen), per_pass):
+            group = chosen[start : start + per_pass]
+            in_group = (rank >= start) & (rank < start + len(group))
+            part = self._run(
+                group, (rank - start).clamp(0, len(group) - 1), hidden_states, top_k_weights * in_group
+            )
+            out = part if out is None else out + part
+        return out
+
+    def _run(self, chosen: list[int], rank, hidden_states, top_k_weights):
+        """transformers' experts math over `chosen`; rank[i, k] indexes into chosen."""
         stream = self.slots.stream()
         addresses = self.slots.cache.acquire(self.layer, chosen, stream)
         try:
             slot_ids = [self.slots.slot_of(a) for a in addresses]
-            slot_index = torch.tensor(slot_ids, device=self.slots.device)[inverse]
+            slot_index = torch.tensor(slot_ids, device=self.slots.device)[rank]
             return self.inner(self.slot_experts, hidden_states, slot_index, top_k_weights)
         finally:
             self.slots.cache.release(self.layer, chosen, stream)
@@ -346,8 +371,8 @@ def offload(
     """Runs `model`'s experts from a host pool through a cache of device slots.
 
     Give `budget` (bytes or a string such as "12GiB") or `slots`. The minimum is one slot
-    per expert of a layer, since one forward of a layer may use all of them. Non-expert
-    weights move to `device`. Policy options (`static_experts`, `lfu_decay`, ...) pass to
+    per expert a token uses (top-k); a forward that needs more experts than there are
+    slots (a long prefill) runs in several passes. Non-expert weights move to `device`. Policy options (`static_experts`, `lfu_decay`, ...) pass to
     ExpertCache. On any error the model is left as it was.
     """
     parse_device(device)  # "cpu", "cuda" or "cuda:N", with a clear error otherwise
@@ -372,12 +397,12 @@ def offload(
     if (budget is None) == (slots is None):
         raise ValueError("give exactly one of budget= or slots=")
     num_slots = slots if slots is not None else parse_bytes(budget) // slot_bytes
-    if num_slots < num_experts:
+    minimum = max(p.experts_per_token for p in plans)
+    if num_slots < minimum:
         given = f"{num_slots} slots" if budget is None else f"a budget of {parse_bytes(budget)} bytes ({num_slots} slots)"
         raise ValueError(
-            f"{given} is below the minimum of {num_experts} slots = {num_experts * slot_bytes} "
-            f"bytes: one slot of {slot_bytes} bytes per expert of a layer, since one forward of "
-            "a layer may use all of them"
+            f"{given} is below the minimum of {minimum} slots = {minimum * slot_bytes} bytes: "
+            f"one slot of {slot_bytes} bytes for each of the {minimum} experts a token uses"
         )
 
     # Everything that can fail for want of memory or a device happens before the model changes.

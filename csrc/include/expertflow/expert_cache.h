@@ -94,6 +94,9 @@ class ExpertCache {
   // the whole arena as one tensor. Throws InvalidArgument out of range, StateError closed.
   void* slot_address(int slot) const;
   int num_slots() const { return num_slots_; }
+  // The most experts one acquire may ask for, when none is resident: the slots, less those
+  // the policy never gives back (a static set).
+  int max_acquire() const { return num_slots_ - never_evicted_; }
   std::size_t slot_bytes() const { return slot_bytes_; }
   const std::string& policy_name() const { return policy_name_; }
   const HostPool& pool() const { return *pool_; }
