@@ -207,6 +207,13 @@ class _Slots:
             return torch.cuda.current_stream(self.device).cuda_stream
         return 0
 
+    def to_device(self, small: torch.Tensor) -> torch.Tensor:
+        """A small host tensor on the device, without the stream synchronisation of a
+        pageable copy: staged in pinned memory, copied asynchronously."""
+        if self.device.type == "cpu":
+            return small
+        return small.pin_memory().to(self.device, non_blocking=True)
+
     def slot_of(self, address: int) -> int:
         return (address - self.address) // self.cache.slot_bytes
 
@@ -247,8 +254,8 @@ class _FusedRunner:
         stream = self.slots.stream()
         addresses = self.slots.cache.acquire(self.layer, chosen, stream)
         try:
-            slot_ids = [self.slots.slot_of(a) for a in addresses]
-            slot_index = torch.tensor(slot_ids, device=self.slots.device)[rank]
+            slot_ids = torch.tensor([self.slots.slot_of(a) for a in addresses])
+            slot_index = self.slots.to_device(slot_ids)[rank]
             return self.inner(self.slot_experts, hidden_states, slot_index, top_k_weights)
         finally:
             self.slots.cache.release(self.layer, chosen, stream)
