@@ -84,6 +84,15 @@ inline int use(ef::ExpertCache& cache, int layer, const std::vector<int>& expert
   return wrong;
 }
 
+// Which (layer, expert) pairs are resident, as a string of 0/1 per key.
+inline std::string residency(const ef::ExpertCache& cache) {
+  const ef::ExpertLayout& layout = cache.pool().layout();
+  std::string out;
+  for (int key = 0; key < layout.num_keys(); ++key)
+    out += cache.resident(layout.layer_of(key), layout.expert_of(key)) ? '1' : '0';
+  return out;
+}
+
 // Polls `pred` until it holds or `seconds` pass: for counters updated by prefetch workers.
 template <typename Pred>
 bool wait_until(Pred pred, double seconds = 5.0) {

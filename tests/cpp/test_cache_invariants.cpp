@@ -20,6 +20,7 @@
 namespace ef = expertflow;
 using ef_fixture::holds;
 using ef_fixture::make_pool;
+using ef_fixture::residency;
 using ef_fixture::policy;
 using ef_fixture::use;
 using ef_fixture::wait_until;
@@ -28,14 +29,6 @@ namespace {
 
 constexpr std::size_t kBlob = 2048;
 
-// Which (layer, expert) pairs are resident, as a string of 0/1 per key.
-std::string residency(const ef::ExpertCache& cache) {
-  const ef::ExpertLayout& layout = cache.pool().layout();
-  std::string out;
-  for (int key = 0; key < layout.num_keys(); ++key)
-    out += cache.resident(layout.layer_of(key), layout.expert_of(key)) ? '1' : '0';
-  return out;
-}
 
 // The counters a rejected call must leave alone.
 std::vector<std::uint64_t> counters(const ef::CacheStats& s) {

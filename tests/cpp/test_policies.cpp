@@ -18,6 +18,7 @@
 
 namespace ef = expertflow;
 using ef_fixture::make_pool;
+using ef_fixture::residency;
 using ef_fixture::policy;
 using ef_fixture::use;
 
@@ -25,14 +26,6 @@ namespace {
 
 constexpr std::size_t kBlob = 1000;
 
-// Which (layer, expert) pairs of the layout are resident, as a string of 0/1 per key.
-std::string residency(const ef::ExpertCache& cache) {
-  const ef::ExpertLayout& layout = cache.pool().layout();
-  std::string out;
-  for (int key = 0; key < layout.num_keys(); ++key)
-    out += cache.resident(layout.layer_of(key), layout.expert_of(key)) ? '1' : '0';
-  return out;
-}
 
 }  // namespace
 

@@ -22,12 +22,7 @@ NEW_TOKENS = 16
 POLICIES = ["lru", "lfu", "static", "expertflow"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,13 +11,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 NEW_TOKENS = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models are tiny: one intra-op thread is as fast, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def generate(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
