@@ -10,5 +10,6 @@ void register_errors(pybind11::module_& m);
 void register_backend(pybind11::module_& m);
 void register_pool(pybind11::module_& m);
 void register_cache(pybind11::module_& m);
+void register_predictor(pybind11::module_& m);
 
 }  // namespace expertflow::python

@@ -14,7 +14,8 @@ namespace {
 
 py::dict layer_dict(const LayerStats& s) {
   return py::dict(py::arg("hits") = s.hits, py::arg("prefetch_hits") = s.prefetch_hits,
-                  py::arg("misses") = s.misses);
+                  py::arg("misses") = s.misses, py::arg("predicted") = s.predicted,
+                  py::arg("predicted_used") = s.predicted_used);
 }
 
 py::dict stats_dict(const CacheStats& s) {
@@ -25,9 +26,12 @@ py::dict stats_dict(const CacheStats& s) {
   d["hits"] = s.hits;
   d["prefetch_hits"] = s.prefetch_hits;
   d["misses"] = s.misses;
+  d["predicted"] = s.predicted;
+  d["predicted_used"] = s.predicted_used;
   d["evictions"] = s.evictions;
   d["prefetch_issued"] = s.prefetch_issued;
   d["prefetch_used"] = s.prefetch_used;
+  d["prefetch_late"] = s.prefetch_late;
   d["prefetch_wasted"] = s.prefetch_wasted;
   d["prefetch_cancelled"] = s.prefetch_cancelled;
   d["prefetch_dropped"] = s.prefetch_dropped;

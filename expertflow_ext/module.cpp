@@ -6,4 +6,5 @@ PYBIND11_MODULE(_C, m) {
   expertflow::python::register_backend(m);
   expertflow::python::register_pool(m);
   expertflow::python::register_cache(m);
+  expertflow::python::register_predictor(m);
 }

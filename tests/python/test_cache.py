@@ -129,8 +129,8 @@ def test_lru_hand_worked_sequence(make_pool, check_slots):
     assert stats["bytes_demand"] == 5 * 1000
     assert stats["hit_rate"] == pytest.approx(2 / 7)
     assert stats["layers"] == [
-        {"hits": 2, "prefetch_hits": 0, "misses": 5},
-        {"hits": 0, "prefetch_hits": 0, "misses": 0},
+        {"hits": 2, "prefetch_hits": 0, "misses": 5, "predicted": 0, "predicted_used": 0},
+        {"hits": 0, "prefetch_hits": 0, "misses": 0, "predicted": 0, "predicted_used": 0},
     ]
     assert [cache.resident(0, e) for e in range(4)] == [True, False, True, False]
     cache.close()
@@ -180,7 +180,9 @@ def test_prefetch_then_acquire_counts_prefetch_hits(make_pool, check_slots):
         assert stats["hits"] == 2 and stats["misses"] == 0
         assert stats["prefetch_hits"] == stats["prefetch_used"] == 2
         assert stats["prefetch_wasted"] == stats["prefetch_cancelled"] == 0
-        assert stats["layers"][1] == {"hits": 2, "prefetch_hits": 2, "misses": 0}
+        assert stats["layers"][1] == {
+            "hits": 2, "prefetch_hits": 2, "misses": 0, "predicted": 2, "predicted_used": 2
+        }
         assert stats["bytes_demand"] == 0
         # A second acquire is an ordinary hit.
         cache.acquire(1, [2])
@@ -204,16 +206,16 @@ def test_stats_layers_per_layer(make_pool):
         stats = cache.stats()
         assert len(stats["layers"]) == 3
         assert all(
-            layer == {"hits": 0, "prefetch_hits": 0, "misses": 0} for layer in stats["layers"]
+            layer == {"hits": 0, "prefetch_hits": 0, "misses": 0, "predicted": 0, "predicted_used": 0} for layer in stats["layers"]
         )
         for layer, experts in [(0, [0, 1]), (2, [3]), (0, [1])]:
             cache.acquire(layer, experts)
             cache.release(layer, experts)
         layers = cache.stats()["layers"]
         assert layers == [
-            {"hits": 1, "prefetch_hits": 0, "misses": 2},
-            {"hits": 0, "prefetch_hits": 0, "misses": 0},
-            {"hits": 0, "prefetch_hits": 0, "misses": 1},
+            {"hits": 1, "prefetch_hits": 0, "misses": 2, "predicted": 0, "predicted_used": 0},
+            {"hits": 0, "prefetch_hits": 0, "misses": 0, "predicted": 0, "predicted_used": 0},
+            {"hits": 0, "prefetch_hits": 0, "misses": 1, "predicted": 0, "predicted_used": 0},
         ]
 
 

@@ -42,9 +42,11 @@
 namespace expertflow {
 
 struct LayerStats {
-  std::uint64_t hits = 0;           // resident when acquired
-  std::uint64_t prefetch_hits = 0;  // of those, brought in by a prefetch
-  std::uint64_t misses = 0;         // demand copies
+  std::uint64_t hits = 0;            // in the cache when acquired (copied, or copy under way)
+  std::uint64_t prefetch_hits = 0;   // of those, brought in by a prefetch
+  std::uint64_t misses = 0;          // not in the cache: copied on demand
+  std::uint64_t predicted = 0;       // predictions for this layer, scored at its acquire
+  std::uint64_t predicted_used = 0;  // of those, experts the acquire asked for
 };
 
 struct CacheStats {
@@ -52,9 +54,12 @@ struct CacheStats {
   std::uint64_t hits = 0;
   std::uint64_t prefetch_hits = 0;
   std::uint64_t misses = 0;
+  std::uint64_t predicted = 0;       // predictions scored: precision = predicted_used / predicted,
+  std::uint64_t predicted_used = 0;  // recall = predicted_used / (hits + misses)
   std::uint64_t evictions = 0;           // resident experts overwritten
   std::uint64_t prefetch_issued = 0;     // prefetch copies queued
   std::uint64_t prefetch_used = 0;       // prefetched experts acquired before eviction
+  std::uint64_t prefetch_late = 0;       // of those, acquired before their copy started
   std::uint64_t prefetch_wasted = 0;     // prefetched experts evicted or cancelled unused
   std::uint64_t prefetch_cancelled = 0;  // of those, removed from the queue before starting
   std::uint64_t prefetch_dropped = 0;    // predictions not prefetched: no candidate slot
@@ -130,7 +135,7 @@ class ExpertCache {
   int take_victim(const VictimQuery& query) const;
   void assign(int slot, int key);
   void refresh_evictable(int slot);
-  void cancel_queued_prefetch(int slot);
+  bool cancel_queued_prefetch(int slot);
   CopyRequest copy_request(int slot) const;
   void ensure_issued(Lock& lock, int slot);
   void unpin(const std::vector<int>& slots);

@@ -122,17 +122,18 @@ void ExpertCache::assign(int slot, int key) {
   refresh_evictable(slot);
 }
 
-// A prefetch still in the queue is removed; the slot keeps its key but is stale.
-void ExpertCache::cancel_queued_prefetch(int slot) {
+// Removes the slot's prefetch if it is still queued: true if it was, and the slot then
+// keeps its key but is stale.
+bool ExpertCache::cancel_queued_prefetch(int slot) {
   Slot& s = slots_[slot];
-  if (!s.loading || s.issued || s.ticket == 0 || !engine_.cancel(s.ticket)) return;
+  if (!s.loading || s.issued || s.ticket == 0 || !engine_.cancel(s.ticket)) return false;
   s.loading = false;
   s.issued = true;
   s.stale = true;
   s.demanded = false;
   s.ticket = 0;
-  ++stats_.prefetch_cancelled;
   refresh_evictable(slot);
+  return true;
 }
 
 CopyRequest ExpertCache::copy_request(int slot) const {
@@ -272,12 +273,14 @@ std::vector<void*> ExpertCache::acquire(int layer, const std::vector<int>& exper
       assign(slot, keys[i]);
       ++s.pins;
       refresh_evictable(slot);
-    } else {
-      cancel_queued_prefetch(slot);
-      if (s.stale && s.prefetched) ++stats_.prefetch_wasted;
+    } else if (s.prefetched && cancel_queued_prefetch(slot)) {
+      // A late prefetch: predicted and given a slot, but not started. It is a hit (the
+      // prediction was right) whose copy moves to the demand queue, which is faster.
+      s.demanded = true;
+      ++stats_.prefetch_late;
     }
-    // A miss is counted once per copy on demand: by the acquire that finds no copy done
-    // or under way. Acquires that find one (prefetched or demanded by another caller)
+    // A miss is an expert the cache had not taken in: counted once per copy on demand, by
+    // the acquire that finds no copy done, under way or decided. Acquires that find one
     // hit, and wait for it below.
     if (s.stale && !s.demanded) {
       s.demanded = true;
@@ -295,16 +298,23 @@ std::vector<void*> ExpertCache::acquire(int layer, const std::vector<int>& exper
     s.prefetched = false;
     views_[slot].last_use = tick_;
   }
-  // This layer's predictions were for this step: drop them, and the prefetches for it
-  // that have not started.
+  // This layer's predictions were for this step: score them, drop them, and cancel the
+  // prefetches for it that have not started.
   current_layer_ = layer;
   for (int key = layer * layout_.experts_per_layer(), end = key + layout_.experts_per_layer();
        key < end; ++key) {
-    confidence_[key] = -1.0f;
+    if (confidence_[key] >= 0.0f) {
+      bool used = std::find(keys.begin(), keys.end(), key) != keys.end();
+      ++stats_.predicted;
+      ++layer_stats.predicted;
+      stats_.predicted_used += used;
+      layer_stats.predicted_used += used;
+      confidence_[key] = -1.0f;
+    }
     int slot = slot_of_[key];
-    if (slot < 0 || slots_[slot].pins > 0 || !slots_[slot].loading) continue;
-    cancel_queued_prefetch(slot);
-    if (slots_[slot].stale) {  // cancelled: give the slot back
+    if (slot < 0 || slots_[slot].pins > 0) continue;
+    if (cancel_queued_prefetch(slot)) {  // give the slot back
+      ++stats_.prefetch_cancelled;
       ++stats_.prefetch_wasted;
       slot_of_[key] = -1;
       views_[slot].key = views_[slot].layer = -1;
