@@ -30,6 +30,7 @@ from transformers.integrations.moe import (
 )
 
 from expertflow.core import ExpertCache, ExpertLayout, HostPool, parse_bytes, parse_device
+from expertflow.prediction import DEFAULT_LINK_GBPS, Prefetcher, find_router
 
 IMPLEMENTATION = "expertflow"
 _ALIGNMENT = 256
@@ -230,13 +231,28 @@ class _FusedRunner:
     slots: _Slots
     slot_experts: _SlotExperts
     inner: Callable
+    prefetcher: Prefetcher | None
 
     def __call__(self, hidden_states, top_k_index, top_k_weights):
         experts, rank = torch.unique(top_k_index, sorted=True, return_inverse=True)
-        chosen = experts.tolist()  # the layer's one device-to-host synchronisation
+        gate = self.prefetcher.gate_scores(self.layer, hidden_states) if self.prefetcher else []
+        # The layer's one device-to-host read: the chosen experts and the lookahead scores.
+        host = torch.cat([experts.to(torch.float32), *(scores for _, scores in gate)]).tolist()
+        width = len(gate[0][1]) if gate else 0
+        count = len(host) - width * len(gate)
+        chosen = [int(e) for e in host[:count]]
+        predicted = [
+            (target, host[count + i * width : count + (i + 1) * width])
+            for i, (target, _) in enumerate(gate)
+        ]
+        prefetch = None
+        if self.prefetcher is not None:
+            self.prefetcher.observe(self.layer, chosen, hidden_states.shape[0])
+            prefetch = lambda: self.prefetcher.prefetch(self.layer, predicted)  # noqa: E731
+
         per_pass = self.slots.cache.max_acquire
-        if len(chosen) <= per_pass:
-            return self._run(chosen, rank, hidden_states, top_k_weights)
+        if len(chosen) <= per_pass:  # prefetch once this layer's experts are pinned
+            return self._run(chosen, rank, hidden_states, top_k_weights, then=prefetch)
         # More experts than slots (a long prefill on a small budget): one pass per group of
         # experts, with the routing weights of the others zeroed, and the passes summed.
         out = None
@@ -247,13 +263,17 @@ class _FusedRunner:
                 group, (rank - start).clamp(0, len(group) - 1), hidden_states, top_k_weights * in_group
             )
             out = part if out is None else out + part
+        if prefetch is not None:
+            prefetch()
         return out
 
-    def _run(self, chosen: list[int], rank, hidden_states, top_k_weights):
+    def _run(self, chosen: list[int], rank, hidden_states, top_k_weights, then=None):
         """transformers' experts math over `chosen`; rank[i, k] indexes into chosen."""
         stream = self.slots.stream()
         addresses = self.slots.cache.acquire(self.layer, chosen, stream)
         try:
+            if then is not None:
+                then()
             slot_ids = torch.tensor([self.slots.slot_of(a) for a in addresses])
             slot_index = self.slots.to_device(slot_ids)[rank]
             return self.inner(self.slot_experts, hidden_states, slot_index, top_k_weights)
@@ -328,10 +348,15 @@ class OffloadHandle:
         return self.cache.slot_bytes
 
     def stats(self) -> dict[str, Any]:
-        """The cache's counters (see the README), with each layer's module name."""
+        """The cache's counters (see the README), with each layer's module name, and the
+        predictions' precision (used / predicted) and recall (used / acquired)."""
         stats = self.cache.stats()
         for name, layer in zip(self.layer_names, stats["layers"]):
             layer["name"] = name
+        for counters in [stats, *stats["layers"]]:
+            looked_up = counters["hits"] + counters["misses"]
+            counters["precision"] = counters["predicted_used"] / counters["predicted"] if counters["predicted"] else 0.0
+            counters["recall"] = counters["predicted_used"] / looked_up if looked_up else 0.0
         stats.update(num_slots=self.num_slots, slot_bytes=self.slot_bytes, policy=self.cache.policy)
         return stats
 
@@ -372,6 +397,11 @@ def offload(
     budget: int | str | None = None,
     slots: int | None = None,
     policy: str = "expertflow",
+    prefetch: bool = True,
+    predictor: str = "combined",
+    lookahead: int = 1,
+    link_gbps: float | None = None,
+    link_latency_us: float = 0.0,
     prefetch_streams: int = 1,
     **policy_options: Any,
 ) -> OffloadHandle:
@@ -379,8 +409,15 @@ def offload(
 
     Give `budget` (bytes or a string such as "12GiB") or `slots`. The minimum is one slot
     per expert a token uses (top-k); a forward that needs more experts than there are
-    slots (a long prefill) runs in several passes. Non-expert weights move to `device`. Policy options (`static_experts`, `lfu_decay`, ...) pass to
-    ExpertCache. On any error the model is left as it was.
+    slots (a long prefill) runs in several passes. Non-expert weights move to `device`.
+
+    With `prefetch`, each layer predicts the experts of the next `lookahead` layers
+    (`predictor`: "gate" lookahead through their routers, transition "history", or both
+    "combined") and prefetches them within the bytes the link moves in the time before
+    that layer: `link_gbps` (default: 25 on CUDA; unlimited on the CPU). On the CPU
+    backend `link_gbps` and `link_latency_us` also pace copies like that link, to emulate
+    one. Policy options (`static_experts`, `lfu_decay`, ...) pass to ExpertCache. On any
+    error the model is left as it was.
     """
     parse_device(device)  # "cpu", "cuda" or "cuda:N", with a clear error otherwise
     torch_device = torch.device(device)
@@ -414,7 +451,8 @@ def offload(
 
     # Everything that can fail for want of memory or a device happens before the model changes.
     layout = ExpertLayout(len(plans), num_experts, [p.blob_bytes for p in plans for _ in range(num_experts)])
-    pool = HostPool(layout, str(torch_device))
+    emulated = {"link_gbps": link_gbps or 0.0, "link_latency_us": link_latency_us}
+    pool = HostPool(layout, str(torch_device), **(emulated if torch_device.type == "cpu" else {}))
     cache = ExpertCache(pool, slots=num_slots, policy=policy, prefetch_streams=prefetch_streams, **policy_options)
     pool_bytes = torch.frombuffer(memoryview(pool._pool), dtype=torch.uint8)
     slot_table = _Slots(cache, _arena_tensor(cache, torch_device), cache.slot_address(0), torch_device)
@@ -422,6 +460,16 @@ def offload(
 
     undo = _Undo()
     try:
+        prefetcher = None
+        if prefetch and fused:
+            if link_gbps is None:
+                link_gbps = float("inf") if torch_device.type == "cpu" else DEFAULT_LINK_GBPS
+            prefetcher = Prefetcher(
+                cache,
+                [find_router(model, p.name, num_experts) if p.fused else None for p in plans],
+                num_experts, max(p.experts_per_token for p in plans), predictor, lookahead,
+                link_gbps * 1e9,
+            )
         _move_non_experts(model, plans, torch_device, undo)
         for layer, plan in enumerate(plans):
             base = layout.offset(layer, 0)
@@ -438,6 +486,7 @@ def offload(
                 plan.module.__dict__["_expertflow"] = _FusedRunner(
                     layer, slot_table, _SlotExperts(plan.module, weights, num_slots),
                     _INNER.get(implementation, grouped_mm_experts_forward),
+                    prefetcher,
                 )
                 undo.patched.append((plan.module, "_expertflow"))
             else:

@@ -1,0 +1,136 @@
+"""Training-free routing prediction and prefetch for offload().
+
+Two predictors, merged:
+- Gate lookahead: at MoE layer l, the routers of layers l+1..l+d are applied to layer l's
+  hidden state. Each is the model's own router module, called as is (softmax or sigmoid
+  scoring, group-limited top-k, normalisation, bias correction all apply), so nothing is
+  reimplemented; the residual stream changes slowly, so these top-k sets predict the
+  next layers' experts well.
+- Transition history (the core's TransitionPredictor): which experts follow which from one
+  layer to the next, and which ones the current request has used. It serves layers whose
+  router is not reachable and ranks candidates beyond the router's top-k.
+
+The merged scores, highest first, are prefetched within a byte budget: link bandwidth
+times the time left before that layer (measured layer time x distance). The cache keeps
+the predictions, lets the expertflow policy use them, scores them (precision, recall) and
+cancels prefetches that turn stale.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from expertflow import _C
+
+PREDICTORS = ("gate", "history", "combined")
+DEFAULT_LINK_GBPS = 25.0  # a PCIe 4.0 x16 link, for the budget when none is given
+HISTORY_WEIGHT = 0.5  # the history's share of a merged score; the router's is 1
+
+
+def find_router(model: torch.nn.Module, experts_name: str, num_experts: int) -> torch.nn.Module | None:
+    """The router beside an experts module: a sibling whose weight has one row per expert."""
+    parent_name, _, own_name = experts_name.rpartition(".")
+    for name, child in model.get_submodule(parent_name).named_children():
+        weight = getattr(child, "weight", None)
+        if name != own_name and isinstance(weight, torch.Tensor) and weight.dim() == 2 and (
+            weight.shape[0] == num_experts
+        ):
+            return child
+    return None
+
+
+def router_choice(router: torch.nn.Module, hidden_states: torch.Tensor):
+    """(top-k indices, their weights) from the router's own forward, or None when its
+    output has no [tokens, k] index tensor. Called past nn.Module hooks, so that output
+    recorders (router logits) do not see these extra calls."""
+    out = type(router).forward(router, hidden_states)
+    tensors = out if isinstance(out, (tuple, list)) else (out,)
+    index = next((t for t in tensors if isinstance(t, torch.Tensor) and t.dim() == 2
+                  and not t.is_floating_point()), None)
+    if index is None:
+        return None
+    weights = next((t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()
+                    and t.shape == index.shape), torch.ones_like(index, dtype=torch.float32))
+    return index, weights
+
+
+@dataclass
+class Prefetcher:
+    """Predicts the next layers' experts and prefetches them; one per offload()."""
+
+    cache: object  # expertflow.ExpertCache
+    routers: list[torch.nn.Module | None]  # per layer
+    num_experts: int
+    experts_per_token: int
+    predictor: str = "combined"
+    lookahead: int = 1
+    link_bytes_per_second: float = DEFAULT_LINK_GBPS * 1e9
+    history: _C.TransitionPredictor = field(init=False)
+    layer_seconds: float = 0.0  # moving average of the time between consecutive layers
+    _last_call: float | None = field(default=None, init=False)
+    _tokens: int = field(default=1, init=False)  # in the current forward
+
+    def __post_init__(self) -> None:
+        if self.predictor not in PREDICTORS:
+            raise ValueError(f"unknown predictor {self.predictor!r}; choose one of {PREDICTORS}")
+        if self.lookahead < 1:
+            raise ValueError(f"lookahead must be at least 1 layer, got {self.lookahead}")
+        self.history = _C.TransitionPredictor(len(self.routers), self.num_experts)
+
+    def gate_scores(self, layer: int, hidden_states: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """Per lookahead layer: [num_experts] scores from its router on this hidden state
+        (the highest routing weight any token gives each expert), still on the device."""
+        if self.predictor == "history":
+            return []
+        scored = []
+        for target in range(layer + 1, min(layer + 1 + self.lookahead, len(self.routers))):
+            router = self.routers[target]
+            choice = router_choice(router, hidden_states) if router is not None else None
+            if choice is None:
+                continue
+            index, weights = choice
+            scores = torch.zeros(self.num_experts, device=index.device)
+            scores.scatter_reduce_(0, index.flatten(), weights.flatten().float(), "amax")
+            scored.append((target, scores))
+        return scored
+
+    def observe(self, layer: int, chosen: list[int], tokens: int) -> None:
+        now = time.perf_counter()
+        if self._last_call is not None and layer > 0:
+            seconds = now - self._last_call
+            self.layer_seconds = seconds if not self.layer_seconds else 0.8 * self.layer_seconds + 0.2 * seconds
+        self._last_call = now
+        self._tokens = tokens
+        if layer == 0 and tokens > 1:  # a prefill: a new request
+            self.history.new_request()
+        self.history.observe(layer, chosen)
+
+    def prefetch(self, layer: int, gate: list[tuple[int, list[float]]]) -> None:
+        """Merges the scores for the next layers and prefetches the best within budget."""
+        merged: dict[int, dict[int, float]] = {target: {} for target, _ in gate}
+        for target, scores in gate:
+            merged[target] = {e: s for e, s in enumerate(scores) if s > 0.0}
+        nxt = layer + 1
+        if self.predictor != "gate" and nxt < len(self.routers):
+            weight = 1.0 if self.predictor == "history" else HISTORY_WEIGHT
+            candidates = merged.setdefault(nxt, {})
+            for expert, score in self.history.predict(nxt, self.num_experts):
+                candidates[expert] = candidates.get(expert, 0.0) + weight * score
+        for target in sorted(merged):
+            ranked = sorted(merged[target].items(), key=lambda item: (-item[1], item[0]))
+            ranked = ranked[: self.budget(target - layer)]
+            if ranked:
+                self.cache.prefetch(target, [e for e, _ in ranked], [s for _, s in ranked])
+
+    def budget(self, distance: int) -> int:
+        """Experts worth prefetching for a layer `distance` layers ahead: those the link
+        moves in the time before it, and no more than its tokens can use."""
+        usable = min(self.num_experts, self.experts_per_token * self._tokens)
+        if not self.layer_seconds or math.isinf(self.link_bytes_per_second):
+            return usable
+        seconds = distance * self.layer_seconds
+        return max(1, min(usable, int(self.link_bytes_per_second * seconds // self.cache.slot_bytes)))

@@ -1,0 +1,102 @@
+"""Prediction and prefetch in offload(): right routers, honest telemetry, fewer misses,
+and never a different output."""
+
+from __future__ import annotations
+
+import pytest
+import tiny_models as tm
+import torch
+
+import expertflow as ef
+import expertflow.offloading
+from expertflow.prediction import find_router, router_choice
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+NEW_TOKENS = 16
+
+
+def generate(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+def quarter(model) -> int:
+    return max(tm.TOP_K, sum(p.num_experts for p in ef.offloading._find_experts(model)) // 4)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "gpt_oss", "qwen3_vl_moe"])
+def test_the_lookahead_router_is_the_models_own(arch):
+    """Applied to a layer's own input, the found router chooses what the layer chose."""
+    model, inputs = tm.build(arch)
+    plans = ef.offloading._find_experts(model)
+    seen = []
+
+    def record(module, args, _out):
+        seen.append((module, args[0], args[1]))
+
+    hooks = [p.module.register_forward_hook(record) for p in plans]
+    with torch.no_grad():
+        model(**inputs)
+    for hook in hooks:
+        hook.remove()
+    for plan in plans:
+        router = find_router(model, plan.name, plan.num_experts)
+        assert router is not None, plan.name
+        module, hidden, chosen = next(s for s in seen if s[0] is plan.module)
+        index, _ = router_choice(router, hidden)
+        assert torch.equal(index.sort(-1).values, chosen.sort(-1).values), plan.name
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "gpt_oss", "qwen3_vl_moe"])
+def test_prediction_lowers_demand_misses_and_changes_no_output(arch):
+    model, inputs = tm.build(arch)
+    reference = generate(model, inputs)
+    misses = {}
+    for prefetch in (False, True):
+        with ef.offload(model, "cpu", slots=quarter(model), policy="lru", prefetch=prefetch) as handle:
+            assert torch.equal(generate(model, inputs), reference)
+            misses[prefetch] = handle.stats()["misses"]
+            stats = handle.stats()
+    assert misses[True] < misses[False], misses
+    assert stats["predicted"] > 0 and stats["prefetch_issued"] > 0
+    assert 0.0 < stats["precision"] <= 1.0 and 0.0 < stats["recall"] <= 1.0
+
+
+@pytest.mark.parametrize("predictor", ["gate", "history", "combined"])
+@pytest.mark.parametrize("lookahead", [1, 2])
+def test_every_predictor_and_depth_is_exact(predictor, lookahead):
+    model, inputs = tm.build("qwen3_moe", seed=2)
+    reference = generate(model, inputs)
+    with ef.offload(model, "cpu", slots=quarter(model), policy="expertflow",
+                    predictor=predictor, lookahead=lookahead) as handle:
+        assert torch.equal(generate(model, inputs), reference)
+        stats = handle.stats()
+    assert stats["predicted"] > 0
+    assert len(stats["layers"]) == len(handle.layer_names)
+    assert all(0.0 <= layer["precision"] <= 1.0 for layer in stats["layers"])
+
+
+def test_precision_and_recall_follow_the_counters():
+    model, inputs = tm.build("mixtral")
+    with ef.offload(model, "cpu", slots=quarter(model), predictor="gate") as handle:
+        generate(model, inputs)
+        stats = handle.stats()
+    assert stats["precision"] == pytest.approx(stats["predicted_used"] / stats["predicted"])
+    assert stats["recall"] == pytest.approx(stats["predicted_used"] / (stats["hits"] + stats["misses"]))
+    # Layer 0 has no layer before it to predict it from the router.
+    assert stats["layers"][0]["predicted"] == 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"predictor": "psychic"}, "unknown predictor 'psychic'"),
+    ({"lookahead": 0}, "lookahead must be at least 1 layer, got 0"),
+])
+def test_bad_prediction_options_leave_the_model_alone(kwargs, message):
+    model, inputs = tm.build("mixtral")
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    with pytest.raises(ValueError, match=message):
+        ef.offload(model, "cpu", slots=4, **kwargs)
+    assert model.get_experts_implementation() == {"": tm.EXPERTS_IMPLEMENTATION}
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reference)
