@@ -75,6 +75,8 @@ void register_cache(py::module_& m) {
            py::arg("layer"), py::arg("experts"), py::arg("stream") = 0, Release())
       .def("prefetch", &ExpertCache::prefetch, py::arg("layer"), py::arg("experts"),
            py::arg("scores") = std::vector<float>{}, Release())
+      .def("predict", &ExpertCache::predict, py::arg("layer"), py::arg("experts"),
+           py::arg("scores") = std::vector<float>{})
       .def("release", &ExpertCache::release, py::arg("layer"), py::arg("experts"),
            py::arg("stream") = 0, Release())
       .def("stats", [](const ExpertCache& c) { return stats_dict(c.stats()); })

@@ -177,6 +177,12 @@ class ExpertCache:
         """Predict that `layer` will use `experts` (confidence `scores`) and copy them ahead."""
         self._cache.prefetch(layer, list(experts), [] if scores is None else list(scores))
 
+    def predict(
+        self, layer: int, experts: Sequence[int], scores: Sequence[float] | None = None
+    ) -> None:
+        """Record predictions as prefetch() does, without copying anything."""
+        self._cache.predict(layer, list(experts), [] if scores is None else list(scores))
+
     def release(self, layer: int, experts: Sequence[int], stream: Any = 0) -> None:
         """`stream` has enqueued its last read of the experts' slots."""
         self._cache.release(layer, list(experts), _stream_handle(stream))

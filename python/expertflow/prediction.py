@@ -8,7 +8,9 @@ Two predictors, merged:
   next layers' experts well.
 - Transition history (the core's TransitionPredictor): which experts follow which from one
   layer to the next, and which ones the current request has used. It serves layers whose
-  router is not reachable and ranks candidates beyond the router's top-k.
+  router is not reachable, ranks candidates beyond the router's top-k, and predicts that
+  a layer will use again what this request has used there (request-level locality), so
+  that eviction keeps those for their next use instead of treating them as unpredicted.
 
 The merged scores, highest first, are prefetched within a byte budget: link bandwidth
 times the time left before that layer (measured layer time x distance). The cache keeps
@@ -70,8 +72,10 @@ class Prefetcher:
     lookahead: int = 1
     link_bytes_per_second: float = DEFAULT_LINK_GBPS * 1e9
     history: _C.TransitionPredictor = field(init=False)
-    layer_seconds: float = 0.0  # moving average of the time between consecutive layers
-    _last_call: float | None = field(default=None, init=False)
+    # Moving average of a layer's compute: from its experts being ready (acquire returned)
+    # to the next layer's experts forward. Stalls are not in it.
+    layer_seconds: float = 0.0
+    _ready: float | None = field(default=None, init=False)
     _tokens: int = field(default=1, init=False)  # in the current forward
 
     def __post_init__(self) -> None:
@@ -99,18 +103,28 @@ class Prefetcher:
         return scored
 
     def observe(self, layer: int, chosen: list[int], tokens: int) -> None:
-        now = time.perf_counter()
-        if self._last_call is not None and layer > 0:
-            seconds = now - self._last_call
+        """A layer's experts forward begins, having chosen `chosen` for `tokens` tokens."""
+        if self._ready is not None and layer > 0:
+            seconds = time.perf_counter() - self._ready
             self.layer_seconds = seconds if not self.layer_seconds else 0.8 * self.layer_seconds + 0.2 * seconds
-        self._last_call = now
+        self._ready = None
         self._tokens = tokens
         if layer == 0 and tokens > 1:  # a prefill: a new request
             self.history.new_request()
         self.history.observe(layer, chosen)
 
     def prefetch(self, layer: int, gate: list[tuple[int, list[float]]]) -> None:
-        """Merges the scores for the next layers and prefetches the best within budget."""
+        """Once `layer`'s experts are ready: merges the scores for the next layers and
+        prefetches the best within budget."""
+        self._ready = time.perf_counter()
+        usable = min(self.num_experts, self.experts_per_token * self._tokens)
+        if self.predictor != "gate":
+            # Request-level locality: what this request uses at this layer, it will likely
+            # use again the next time the layer runs. A prediction (no copy) that keeps
+            # these experts from being the first victims.
+            again = self.history.predict(layer, usable)
+            if again:
+                self.cache.predict(layer, [e for e, _ in again], [s for _, s in again])
         merged: dict[int, dict[int, float]] = {target: {} for target, _ in gate}
         for target, scores in gate:
             merged[target] = {e: s for e, s in enumerate(scores) if s > 0.0}

@@ -167,8 +167,8 @@ def test_double_release(cache, patterns, round_trip):
 @pytest.mark.parametrize(
     ("scores", "message"),
     [
-        ([0.5], "prefetch got 1 scores for 2 experts"),
-        ([0.5, 0.5, 0.5], "prefetch got 3 scores for 2 experts"),
+        ([0.5], "got 1 scores for 2 experts"),
+        ([0.5, 0.5, 0.5], "got 3 scores for 2 experts"),
         ([0.5, -0.25], "score -0.25 for expert 3 at layer 1 must be a finite number >= 0"),
         ([float("nan"), 1.0], "score -?nan for expert 2 at layer 1 must be a finite number"),
         ([1.0, float("inf")], "score inf for expert 3 at layer 1 must be a finite number"),

@@ -83,6 +83,9 @@ class ExpertCache {
   std::vector<void*> acquire(int layer, const std::vector<int>& experts, StreamHandle stream);
   // scores: one confidence (>= 0) per expert, or empty for 1.0 each.
   void prefetch(int layer, const std::vector<int>& experts, const std::vector<float>& scores);
+  // Records predictions as prefetch does, without copying: they rank victims (expertflow)
+  // and protect resident experts from prefetches for later uses.
+  void predict(int layer, const std::vector<int>& experts, const std::vector<float>& scores);
   void release(int layer, const std::vector<int>& experts, StreamHandle stream);
 
   CacheStats stats() const;
@@ -131,6 +134,9 @@ class ExpertCache {
 
   void check_open() const;
   std::vector<int> keys_of(int layer, const std::vector<int>& experts) const;
+  std::vector<int> prediction_keys(int layer, const std::vector<int>& experts,
+                                   const std::vector<float>& scores) const;
+  void record_predictions(const std::vector<int>& keys, const std::vector<float>& scores);
   VictimQuery victim_query() const;
   int take_victim(const VictimQuery& query) const;
   void assign(int slot, int key);

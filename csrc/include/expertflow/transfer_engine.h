@@ -5,7 +5,9 @@
 //    on a high-priority stream (the caller needs it next, so no hand-off to a worker).
 //  - prefetch: predicted experts. One worker thread per prefetch stream takes jobs from
 //    one shared FIFO and keeps one copy in flight on its stream, so that every job still
-//    in the queue has not started and can be cancelled.
+//    in the queue has not started and can be cancelled. A prefetch moves in chunks of
+//    kPrefetchChunkBytes, one in flight at a time, so that a demand copy issued meanwhile
+//    waits for at most one chunk on the link, not for a whole expert.
 //
 // Every copy first makes its stream wait on the request's `after` fences (the reads of
 // the slot's previous contents), then copies, then records `done`.
@@ -38,6 +40,8 @@ struct CopyRequest {
 
 class TransferEngine {
  public:
+  static constexpr std::size_t kPrefetchChunkBytes = std::size_t{4} << 20;
+
   // Called on a prefetch worker: issued when `done` is recorded (readers may wait on it),
   // complete when the copy has finished. `error` is empty on success; after an error the
   // job's remaining callback does not run.
@@ -75,7 +79,7 @@ class TransferEngine {
     Callbacks callbacks;
   };
   void run_worker(StreamHandle stream);
-  void issue(const CopyRequest& request, StreamHandle stream);
+  void issue(const CopyRequest& request, StreamHandle stream, std::size_t chunk_bytes);
 
   std::shared_ptr<Backend> backend_;
   StreamHandle demand_stream_;

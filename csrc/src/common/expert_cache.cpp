@@ -410,15 +410,35 @@ void ExpertCache::release(int layer, const std::vector<int>& experts, StreamHand
   unpin(slots);
 }
 
-void ExpertCache::prefetch(int layer, const std::vector<int>& experts,
-                           const std::vector<float>& scores) {
+std::vector<int> ExpertCache::prediction_keys(int layer, const std::vector<int>& experts,
+                                              const std::vector<float>& scores) const {
   std::vector<int> keys = keys_of(layer, experts);
-  EF_CHECK(scores.empty() || scores.size() == experts.size(), "prefetch got ", scores.size(),
+  EF_CHECK(scores.empty() || scores.size() == experts.size(), "got ", scores.size(),
            " scores for ", experts.size(), " experts");
   for (std::size_t i = 0; i < scores.size(); ++i) {
     EF_CHECK(std::isfinite(scores[i]) && scores[i] >= 0.0f, "score ", scores[i], " for expert ",
              experts[i], " at layer ", layer, " must be a finite number >= 0");
   }
+  return keys;
+}
+
+void ExpertCache::record_predictions(const std::vector<int>& keys, const std::vector<float>& scores) {
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    confidence_[keys[i]] = scores.empty() ? 1.0f : scores[i];
+  }
+}
+
+void ExpertCache::predict(int layer, const std::vector<int>& experts,
+                          const std::vector<float>& scores) {
+  std::vector<int> keys = prediction_keys(layer, experts, scores);
+  Lock lock(mutex_);
+  check_open();
+  record_predictions(keys, scores);
+}
+
+void ExpertCache::prefetch(int layer, const std::vector<int>& experts,
+                           const std::vector<float>& scores) {
+  std::vector<int> keys = prediction_keys(layer, experts, scores);
   struct Job {
     int slot;
     std::uint64_t generation;
@@ -428,9 +448,7 @@ void ExpertCache::prefetch(int layer, const std::vector<int>& experts,
   {
     Lock lock(mutex_);
     check_open();
-    for (std::size_t i = 0; i < keys.size(); ++i) {
-      confidence_[keys[i]] = scores.empty() ? 1.0f : scores[i];
-    }
+    record_predictions(keys, scores);
     VictimQuery query = victim_query();
     query.max_distance = query.distance(layer);
     for (int key : keys) {
@@ -551,6 +569,13 @@ void ExpertCache::close() {
     for (ReadFence& read : s.read_fences) backend_->synchronize(*read.fence);
   }
   Lock lock(mutex_);
+  for (Slot& s : slots_) {  // the shutdown dropped the prefetches still queued
+    if (s.loading && !s.issued && s.prefetched) {
+      s.loading = false;
+      ++stats_.prefetch_cancelled;
+      ++stats_.prefetch_wasted;
+    }
+  }
   // A demand copy another thread started before the close may still be writing a slot.
   issued_cv_.wait(lock, [this] { return copies_outside_lock_ == 0; });
   arena_.reset();

@@ -35,13 +35,22 @@ void TransferEngine::shutdown() {
   for (std::thread& worker : workers_) worker.join();
 }
 
-void TransferEngine::issue(const CopyRequest& request, StreamHandle stream) {
+void TransferEngine::issue(const CopyRequest& request, StreamHandle stream,
+                           std::size_t chunk_bytes) {
   for (Fence* fence : request.after) backend_->wait(stream, *fence);
-  backend_->copy_to_device(request.dst, request.src, request.bytes, stream);
-  backend_->record(*request.done, stream);
+  auto* dst = static_cast<std::byte*>(request.dst);
+  const auto* src = static_cast<const std::byte*>(request.src);
+  for (std::size_t done = 0; done < request.bytes; done += chunk_bytes) {
+    std::size_t bytes = std::min(chunk_bytes, request.bytes - done);
+    if (done > 0) backend_->synchronize(*request.done);  // one chunk in flight at a time
+    backend_->copy_to_device(dst + done, src + done, bytes, stream);
+    backend_->record(*request.done, stream);
+  }
 }
 
-void TransferEngine::demand(const CopyRequest& request) { issue(request, demand_stream_); }
+void TransferEngine::demand(const CopyRequest& request) {
+  issue(request, demand_stream_, request.bytes);
+}
 
 std::uint64_t TransferEngine::prefetch(CopyRequest request, Callbacks callbacks) {
   std::uint64_t ticket;
@@ -82,7 +91,7 @@ void TransferEngine::run_worker(StreamHandle stream) {
     // One copy in flight per stream: everything still queued is cancellable.
     std::string error;
     try {
-      issue(job.request, stream);
+      issue(job.request, stream, kPrefetchChunkBytes);
     } catch (const std::exception& e) {
       error = e.what();
     }
