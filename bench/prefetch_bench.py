@@ -151,7 +151,7 @@ def main() -> None:
               f"{row['precision']:9.3f} {row['recall']:7.3f}")
     recall = lookahead_recall(model, prompt, args.tokens, [1, 2, 3])
     print("gate-lookahead recall: " + ", ".join(f"d={d}: {r:.3f}" for d, r in recall.items()))
-    save("prefetch_cpu", {
+    save(f"prefetch_cpu_copy_ratio_{args.copy_ratio:g}", {
         "protocol": __doc__,
         "model": {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers,
                   "experts": experts, "top_k": 2, "dtype": "float32", "expert_bytes": expert_bytes},

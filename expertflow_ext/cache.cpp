@@ -85,6 +85,7 @@ void register_cache(py::module_& m) {
            [](const ExpertCache& c, int slot) { return reinterpret_cast<std::uintptr_t>(c.slot_address(slot)); },
            py::arg("slot"))
       .def("resident", &ExpertCache::resident, py::arg("layer"), py::arg("expert"))
+      .def("pending_prefetches", &ExpertCache::pending_prefetches)
       .def("close", &ExpertCache::close, Release())
       .def_property_readonly("closed", &ExpertCache::closed)
       .def_property_readonly("num_slots", &ExpertCache::num_slots)

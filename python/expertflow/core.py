@@ -198,7 +198,12 @@ class ExpertCache:
         self._cache.reset_stats()
 
     def resident(self, layer: int, expert: int) -> bool:
+        """Whether the expert holds a slot: copied, or with its copy queued or in flight."""
         return self._cache.resident(layer, expert)
+
+    def pending_prefetches(self) -> int:
+        """Prefetch copies queued or in flight."""
+        return self._cache.pending_prefetches()
 
     def slot_address(self, slot: int) -> int:
         """Device address of a slot; slots lie `slot_bytes` apart in one allocation."""

@@ -142,9 +142,12 @@ class Prefetcher:
 
     def budget(self, distance: int) -> int:
         """Experts worth prefetching for a layer `distance` layers ahead: those the link
-        moves in the time before it, and no more than its tokens can use."""
+        can still move in the time before it, after the prefetches it already owes, and no
+        more than its tokens can use. A copy that cannot arrive in time is not started: on
+        a busy link a wrong guess would delay the demand copies behind it."""
         usable = min(self.num_experts, self.experts_per_token * self._tokens)
         if not self.layer_seconds or math.isinf(self.link_bytes_per_second):
             return usable
-        seconds = distance * self.layer_seconds
-        return max(1, min(usable, int(self.link_bytes_per_second * seconds // self.cache.slot_bytes)))
+        window = self.link_bytes_per_second * distance * self.layer_seconds
+        owed = self.cache.pending_prefetches() * self.cache.slot_bytes
+        return max(0, min(usable, int((window - owed) // self.cache.slot_bytes)))

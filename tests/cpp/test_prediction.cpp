@@ -66,6 +66,24 @@ TEST(precision_and_recall_of_predictions) {
   EXPECT_EQ(cache.stats().predicted, 2u);
 }
 
+TEST(predict_records_without_copying) {
+  ef::ExpertCache cache(ef_fixture::make_pool(2, 4, 1000), 2, ef_fixture::policy("expertflow"));
+  EXPECT_EQ(ef_fixture::use(cache, 0, {0}), 0);  // t1: (0,0) -> s0
+  EXPECT_EQ(ef_fixture::use(cache, 0, {1}), 0);  // t2: (0,1) -> s1
+  // (0,0) is the least recently used, but predicted for layer 0's next run: the victim of
+  // the next miss is the unpredicted (0,1).
+  cache.predict(0, {0}, {0.5f});
+  EXPECT_EQ(cache.stats().prefetch_issued, 0u);
+  EXPECT_EQ(cache.stats().bytes_prefetch, 0u);
+  EXPECT_EQ(ef_fixture::use(cache, 1, {3}), 0);
+  EXPECT_EQ(ef_fixture::residency(cache), "10000001");
+  EXPECT_THROW_MSG(cache.predict(0, {9}, {}), ef::InvalidArgument, "expert id 9");
+  EXPECT_THROW_MSG(cache.predict(0, {1}, {-1.0f}), ef::InvalidArgument, "score -1");
+  EXPECT_EQ(ef_fixture::use(cache, 0, {0}), 0);  // scored: predicted 1, used 1
+  EXPECT_EQ(cache.stats().predicted, 1u);
+  EXPECT_EQ(cache.stats().predicted_used, 1u);
+}
+
 }  // namespace
 
 EF_TEST_MAIN()

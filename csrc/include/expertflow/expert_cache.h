@@ -90,6 +90,8 @@ class ExpertCache {
 
   CacheStats stats() const;
   void reset_stats();
+  // Prefetch copies queued or in flight: what the link still owes.
+  int pending_prefetches() const;
   // Whether the expert holds a slot: copied, or with its copy queued or in flight.
   bool resident(int layer, int expert) const;
 

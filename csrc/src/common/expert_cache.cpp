@@ -534,6 +534,13 @@ void ExpertCache::reset_stats() {
   stats_.layers.resize(layout_.num_layers());
 }
 
+int ExpertCache::pending_prefetches() const {
+  Lock lock(mutex_);
+  return static_cast<int>(std::count_if(slots_.begin(), slots_.end(), [](const Slot& s) {
+    return s.loading && s.prefetched;
+  }));
+}
+
 bool ExpertCache::resident(int layer, int expert) const {
   int key = layout_.key(layer, expert);
   Lock lock(mutex_);
