@@ -12,22 +12,11 @@ namespace expertflow::python {
 
 namespace {
 
-py::dict layer_dict(const LayerStats& s) {
-  return py::dict(py::arg("hits") = s.hits, py::arg("prefetch_hits") = s.prefetch_hits,
-                  py::arg("misses") = s.misses, py::arg("predicted") = s.predicted,
-                  py::arg("predicted_used") = s.predicted_used);
-}
-
-py::dict stats_dict(const CacheStats& s) {
-  py::list layers;
-  for (const LayerStats& layer : s.layers) layers.append(layer_dict(layer));
+py::dict counters(const LayerStats& s) {
   py::dict d;
-  d["acquires"] = s.acquires;
   d["hits"] = s.hits;
   d["prefetch_hits"] = s.prefetch_hits;
   d["misses"] = s.misses;
-  d["predicted"] = s.predicted;
-  d["predicted_used"] = s.predicted_used;
   d["evictions"] = s.evictions;
   d["prefetch_issued"] = s.prefetch_issued;
   d["prefetch_used"] = s.prefetch_used;
@@ -35,9 +24,20 @@ py::dict stats_dict(const CacheStats& s) {
   d["prefetch_wasted"] = s.prefetch_wasted;
   d["prefetch_cancelled"] = s.prefetch_cancelled;
   d["prefetch_dropped"] = s.prefetch_dropped;
+  d["predicted"] = s.predicted;
+  d["predicted_used"] = s.predicted_used;
   d["bytes_demand"] = s.bytes_demand;
   d["bytes_prefetch"] = s.bytes_prefetch;
   d["stall_seconds"] = s.stall_seconds;
+  return d;
+}
+
+py::dict stats_dict(const CacheStats& s) {
+  py::dict d;
+  d["acquires"] = s.acquires;
+  for (auto item : counters(s)) d[item.first] = item.second;
+  py::list layers;
+  for (const LayerStats& layer : s.layers) layers.append(counters(layer));
   d["layers"] = layers;
   return d;
 }

@@ -19,6 +19,12 @@ import pytest
 ALIGNMENT = 256
 
 
+def hit_counters(counters: dict) -> dict:
+    """The counters of stats() that hand-worked sequences check."""
+    keys = ("hits", "prefetch_hits", "misses", "predicted", "predicted_used")
+    return {key: counters[key] for key in keys}
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """For tiny models one intra-op thread is as fast, and far faster on a busy machine."""

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 import expertflow as ef
+from conftest import hit_counters
 import numpy as np
 import pytest
 
@@ -128,7 +129,7 @@ def test_lru_hand_worked_sequence(make_pool, check_slots):
     }
     assert stats["bytes_demand"] == 5 * 1000
     assert stats["hit_rate"] == pytest.approx(2 / 7)
-    assert stats["layers"] == [
+    assert [hit_counters(layer) for layer in stats["layers"]] == [
         {"hits": 2, "prefetch_hits": 0, "misses": 5, "predicted": 0, "predicted_used": 0},
         {"hits": 0, "prefetch_hits": 0, "misses": 0, "predicted": 0, "predicted_used": 0},
     ]
@@ -180,7 +181,7 @@ def test_prefetch_then_acquire_counts_prefetch_hits(make_pool, check_slots):
         assert stats["hits"] == 2 and stats["misses"] == 0
         assert stats["prefetch_hits"] == stats["prefetch_used"] == 2
         assert stats["prefetch_wasted"] == stats["prefetch_cancelled"] == 0
-        assert stats["layers"][1] == {
+        assert hit_counters(stats["layers"][1]) == {
             "hits": 2, "prefetch_hits": 2, "misses": 0, "predicted": 2, "predicted_used": 2
         }
         assert stats["bytes_demand"] == 0
@@ -205,14 +206,12 @@ def test_stats_layers_per_layer(make_pool):
     with ef.ExpertCache(patterns.pool, slots=4) as cache:
         stats = cache.stats()
         assert len(stats["layers"]) == 3
-        assert all(
-            layer == {"hits": 0, "prefetch_hits": 0, "misses": 0, "predicted": 0, "predicted_used": 0} for layer in stats["layers"]
-        )
+        assert all(sum(layer.values()) == 0 for layer in stats["layers"])
         for layer, experts in [(0, [0, 1]), (2, [3]), (0, [1])]:
             cache.acquire(layer, experts)
             cache.release(layer, experts)
         layers = cache.stats()["layers"]
-        assert layers == [
+        assert [hit_counters(layer) for layer in layers] == [
             {"hits": 1, "prefetch_hits": 0, "misses": 2, "predicted": 0, "predicted_used": 0},
             {"hits": 0, "prefetch_hits": 0, "misses": 0, "predicted": 0, "predicted_used": 0},
             {"hits": 0, "prefetch_hits": 0, "misses": 1, "predicted": 0, "predicted_used": 0},

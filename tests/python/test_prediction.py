@@ -100,3 +100,15 @@ def test_bad_prediction_options_leave_the_model_alone(kwargs, message):
     assert model.get_experts_implementation() == {"": tm.EXPERTS_IMPLEMENTATION}
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, reference)
+
+
+def test_every_counter_is_kept_per_layer_and_in_total():
+    model, inputs = tm.build("qwen3_moe", seed=3)
+    with ef.offload(model, "cpu", slots=quarter(model), link_gbps=50.0) as handle:
+        generate(model, inputs)
+        stats = handle.stats()
+    for key, total in stats["layers"][0].items():
+        if isinstance(total, int):
+            assert sum(layer[key] for layer in stats["layers"]) == stats[key], key
+    assert sum(layer["stall_seconds"] for layer in stats["layers"]) == pytest.approx(stats["stall_seconds"])
+    assert stats["prefetch_issued"] > 0 and stats["bytes_demand"] > 0

@@ -41,31 +41,27 @@
 
 namespace expertflow {
 
+// Counters, per layer and in total (CacheStats). An expert's counters go to its layer.
 struct LayerStats {
   std::uint64_t hits = 0;            // in the cache when acquired (copied, or copy under way)
-  std::uint64_t prefetch_hits = 0;   // of those, brought in by a prefetch
+  std::uint64_t prefetch_hits = 0;   // of those, brought in by a prefetch (= prefetch_used)
   std::uint64_t misses = 0;          // not in the cache: copied on demand
-  std::uint64_t predicted = 0;       // predictions for this layer, scored at its acquire
-  std::uint64_t predicted_used = 0;  // of those, experts the acquire asked for
-};
-
-struct CacheStats {
-  std::uint64_t acquires = 0;
-  std::uint64_t hits = 0;
-  std::uint64_t prefetch_hits = 0;
-  std::uint64_t misses = 0;
-  std::uint64_t predicted = 0;       // predictions scored: precision = predicted_used / predicted,
-  std::uint64_t predicted_used = 0;  // recall = predicted_used / (hits + misses)
-  std::uint64_t evictions = 0;           // resident experts overwritten
+  std::uint64_t evictions = 0;       // resident experts overwritten
   std::uint64_t prefetch_issued = 0;     // prefetch copies queued
   std::uint64_t prefetch_used = 0;       // prefetched experts acquired before eviction
   std::uint64_t prefetch_late = 0;       // of those, acquired before their copy started
   std::uint64_t prefetch_wasted = 0;     // prefetched experts evicted or cancelled unused
   std::uint64_t prefetch_cancelled = 0;  // of those, removed from the queue before starting
   std::uint64_t prefetch_dropped = 0;    // predictions not prefetched: no candidate slot
+  std::uint64_t predicted = 0;       // predictions scored when their layer ran: precision =
+  std::uint64_t predicted_used = 0;  // predicted_used / predicted, recall = it / (hits + misses)
   std::uint64_t bytes_demand = 0;
   std::uint64_t bytes_prefetch = 0;
   double stall_seconds = 0.0;  // host time acquire spent waiting for copies
+};
+
+struct CacheStats : LayerStats {
+  std::uint64_t acquires = 0;
   std::vector<LayerStats> layers;
 };
 
@@ -149,6 +145,12 @@ class ExpertCache {
   void unpin(const std::vector<int>& slots);
   void on_prefetch_issued(int slot, std::uint64_t generation, const std::string& error);
   void on_prefetch_complete(int slot, std::uint64_t generation, const std::string& error);
+  // Adds n to a counter of `layer` and to the total.
+  template <typename T>
+  void count(int layer, T LayerStats::*counter, T n = 1) {
+    stats_.*counter += n;
+    stats_.layers[layer].*counter += n;
+  }
 
   std::shared_ptr<HostPool> pool_;
   std::shared_ptr<Backend> backend_;

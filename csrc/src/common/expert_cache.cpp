@@ -106,8 +106,8 @@ void ExpertCache::assign(int slot, int key) {
   Slot& s = slots_[slot];
   if (view.key >= 0) {
     slot_of_[view.key] = -1;
-    ++stats_.evictions;
-    if (s.prefetched) ++stats_.prefetch_wasted;
+    count(view.layer, &LayerStats::evictions);
+    if (s.prefetched) count(view.layer, &LayerStats::prefetch_wasted);
   }
   view.key = key;
   view.layer = layout_.layer_of(key);
@@ -164,7 +164,7 @@ void ExpertCache::ensure_issued(Lock& lock, int slot) {
     s.issued = false;
     CopyRequest request = copy_request(slot);
     const SlotView view = views_[slot];
-    stats_.bytes_demand += request.bytes;
+    count(view.layer, &LayerStats::bytes_demand, std::uint64_t{request.bytes});
     ++copies_outside_lock_;
     lock.unlock();
     std::string error;
@@ -265,7 +265,6 @@ std::vector<void*> ExpertCache::acquire(int layer, const std::vector<int>& exper
   // Committed.
   ++tick_;
   ++stats_.acquires;
-  LayerStats& layer_stats = stats_.layers[layer];
   for (int i = 0; i < n; ++i) {
     int slot = slots[i];
     Slot& s = slots_[slot];
@@ -277,22 +276,19 @@ std::vector<void*> ExpertCache::acquire(int layer, const std::vector<int>& exper
       // A late prefetch: predicted and given a slot, but not started. It is a hit (the
       // prediction was right) whose copy moves to the demand queue, which is faster.
       s.demanded = true;
-      ++stats_.prefetch_late;
+      count(layer, &LayerStats::prefetch_late);
     }
     // A miss is an expert the cache had not taken in: counted once per copy on demand, by
     // the acquire that finds no copy done, under way or decided. Acquires that find one
     // hit, and wait for it below.
     if (s.stale && !s.demanded) {
       s.demanded = true;
-      ++stats_.misses;
-      ++layer_stats.misses;
+      count(layer, &LayerStats::misses);
     } else {
-      ++stats_.hits;
-      ++layer_stats.hits;
+      count(layer, &LayerStats::hits);
       if (s.prefetched) {
-        ++stats_.prefetch_hits;
-        ++stats_.prefetch_used;
-        ++layer_stats.prefetch_hits;
+        count(layer, &LayerStats::prefetch_hits);
+        count(layer, &LayerStats::prefetch_used);
       }
     }
     s.prefetched = false;
@@ -305,17 +301,15 @@ std::vector<void*> ExpertCache::acquire(int layer, const std::vector<int>& exper
        key < end; ++key) {
     if (confidence_[key] >= 0.0f) {
       bool used = std::find(keys.begin(), keys.end(), key) != keys.end();
-      ++stats_.predicted;
-      ++layer_stats.predicted;
-      stats_.predicted_used += used;
-      layer_stats.predicted_used += used;
+      count(layer, &LayerStats::predicted);
+      count(layer, &LayerStats::predicted_used, std::uint64_t{used});
       confidence_[key] = -1.0f;
     }
     int slot = slot_of_[key];
     if (slot < 0 || slots_[slot].pins > 0) continue;
     if (cancel_queued_prefetch(slot)) {  // give the slot back
-      ++stats_.prefetch_cancelled;
-      ++stats_.prefetch_wasted;
+      count(layer, &LayerStats::prefetch_cancelled);
+      count(layer, &LayerStats::prefetch_wasted);
       slot_of_[key] = -1;
       views_[slot].key = views_[slot].layer = -1;
       slots_[slot].stale = slots_[slot].prefetched = false;
@@ -333,7 +327,7 @@ std::vector<void*> ExpertCache::acquire(int layer, const std::vector<int>& exper
     unpin(slots);
     throw;
   }
-  if (waited) stats_.stall_seconds += seconds_since(start);
+  if (waited) count(layer, &LayerStats::stall_seconds, seconds_since(start));
   lock.unlock();
 
   // The slots are pinned and issued: their fences stay put until released.
@@ -456,7 +450,7 @@ void ExpertCache::prefetch(int layer, const std::vector<int>& experts,
       query.min_confidence = confidence_[key];
       int slot = take_victim(query);
       if (slot < 0) {
-        ++stats_.prefetch_dropped;
+        count(layer, &LayerStats::prefetch_dropped);
         continue;
       }
       assign(slot, key);
@@ -466,7 +460,7 @@ void ExpertCache::prefetch(int layer, const std::vector<int>& experts,
       s.issued = false;
       s.prefetched = true;
       refresh_evictable(slot);
-      ++stats_.prefetch_issued;
+      count(layer, &LayerStats::prefetch_issued);
       jobs.push_back(Job{slot, s.generation, copy_request(slot)});
     }
   }
@@ -497,7 +491,8 @@ void ExpertCache::on_prefetch_issued(int slot, std::uint64_t generation, const s
   s.issued = true;
   s.ticket = 0;
   if (error.empty()) {
-    stats_.bytes_prefetch += layout_.bytes(views_[slot].key);
+    count(views_[slot].layer, &LayerStats::bytes_prefetch,
+          std::uint64_t{layout_.bytes(views_[slot].key)});
   } else {
     warn("prefetch copy failed, the expert will be copied on demand: " + error);
     s.stale = true;
@@ -576,11 +571,12 @@ void ExpertCache::close() {
     for (ReadFence& read : s.read_fences) backend_->synchronize(*read.fence);
   }
   Lock lock(mutex_);
-  for (Slot& s : slots_) {  // the shutdown dropped the prefetches still queued
+  for (int slot = 0; slot < num_slots_; ++slot) {  // the shutdown dropped queued prefetches
+    Slot& s = slots_[slot];
     if (s.loading && !s.issued && s.prefetched) {
       s.loading = false;
-      ++stats_.prefetch_cancelled;
-      ++stats_.prefetch_wasted;
+      count(views_[slot].layer, &LayerStats::prefetch_cancelled);
+      count(views_[slot].layer, &LayerStats::prefetch_wasted);
     }
   }
   // A demand copy another thread started before the close may still be writing a slot.
