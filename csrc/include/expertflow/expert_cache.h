@@ -142,6 +142,8 @@ class ExpertCache {
   bool cancel_queued_prefetch(int slot);
   CopyRequest copy_request(int slot) const;
   void ensure_issued(Lock& lock, int slot);
+  void wait_for_room(Lock& lock, int layer, const std::vector<int>& keys);
+  void retire_predictions(int layer, const std::vector<int>& keys);
   void unpin(const std::vector<int>& slots);
   void on_prefetch_issued(int slot, std::uint64_t generation, const std::string& error);
   void on_prefetch_complete(int slot, std::uint64_t generation, const std::string& error);

@@ -187,6 +187,52 @@ void ExpertCache::ensure_issued(Lock& lock, int slot) {
   }
 }
 
+// Evict all or nothing: waits until enough slots can take the misses among `keys`, with
+// nothing pinned meanwhile.
+void ExpertCache::wait_for_room(Lock& lock, int layer, const std::vector<int>& keys) {
+  auto deadline = std::chrono::steady_clock::now() + kSlotWait;
+  for (;;) {
+    int missing = 0;
+    for (int key : keys) missing += slot_of_[key] < 0;
+    int candidates = 0;
+    for (int slot = 0; slot < num_slots_ && candidates < missing; ++slot) {
+      const SlotView& view = views_[slot];
+      bool requested = view.key >= 0 && std::find(keys.begin(), keys.end(), view.key) != keys.end();
+      candidates += view.evictable && !requested;
+    }
+    if (candidates >= missing) return;
+    if (slot_cv_.wait_until(lock, deadline) == std::cv_status::timeout) {
+      EF_THROW(StateError, "no slot became free for ", missing, " experts at layer ", layer,
+               " within ", kSlotWait.count(), " s: all ", num_slots_,
+               " slots are pinned or loading; release experts before acquiring more");
+    }
+    check_open();
+  }
+}
+
+// The predictions for `layer` were for the step that just acquired `keys`: scores them,
+// drops them, and cancels the prefetches for that layer that have not started.
+void ExpertCache::retire_predictions(int layer, const std::vector<int>& keys) {
+  for (int key = layer * layout_.experts_per_layer(), end = key + layout_.experts_per_layer();
+       key < end; ++key) {
+    if (confidence_[key] >= 0.0f) {
+      bool used = std::find(keys.begin(), keys.end(), key) != keys.end();
+      count(layer, &LayerStats::predicted);
+      count(layer, &LayerStats::predicted_used, std::uint64_t{used});
+      confidence_[key] = -1.0f;
+    }
+    int slot = slot_of_[key];
+    if (slot < 0 || slots_[slot].pins > 0) continue;
+    if (cancel_queued_prefetch(slot)) {  // give the slot back
+      count(layer, &LayerStats::prefetch_cancelled);
+      count(layer, &LayerStats::prefetch_wasted);
+      slot_of_[key] = -1;
+      views_[slot].key = views_[slot].layer = -1;
+      slots_[slot].stale = slots_[slot].prefetched = false;
+    }
+  }
+}
+
 std::vector<void*> ExpertCache::acquire(int layer, const std::vector<int>& experts,
                                         StreamHandle stream) {
   backend_->check_stream(stream);
@@ -204,26 +250,7 @@ std::vector<void*> ExpertCache::acquire(int layer, const std::vector<int>& exper
 
   Lock lock(mutex_);
   check_open();
-  // Evict all or nothing: wait until enough slots can take this call's misses, with
-  // nothing pinned meanwhile.
-  auto deadline = std::chrono::steady_clock::now() + kSlotWait;
-  for (;;) {
-    int missing = 0;
-    for (int key : keys) missing += slot_of_[key] < 0;
-    int candidates = 0;
-    for (int slot = 0; slot < num_slots_ && candidates < missing; ++slot) {
-      const SlotView& view = views_[slot];
-      bool requested = view.key >= 0 && std::find(keys.begin(), keys.end(), view.key) != keys.end();
-      candidates += view.evictable && !requested;
-    }
-    if (candidates >= missing) break;
-    if (slot_cv_.wait_until(lock, deadline) == std::cv_status::timeout) {
-      EF_THROW(StateError, "no slot became free for ", missing, " experts at layer ", layer,
-               " within ", kSlotWait.count(), " s: all ", num_slots_,
-               " slots are pinned or loading; release experts before acquiring more");
-    }
-    check_open();
-  }
+  wait_for_room(lock, layer, keys);
 
   // Pin the resident ones, then choose victims for the rest; undo both if the policy
   // refuses a victim or rejects the access.
@@ -294,27 +321,8 @@ std::vector<void*> ExpertCache::acquire(int layer, const std::vector<int>& exper
     s.prefetched = false;
     views_[slot].last_use = tick_;
   }
-  // This layer's predictions were for this step: score them, drop them, and cancel the
-  // prefetches for it that have not started.
   current_layer_ = layer;
-  for (int key = layer * layout_.experts_per_layer(), end = key + layout_.experts_per_layer();
-       key < end; ++key) {
-    if (confidence_[key] >= 0.0f) {
-      bool used = std::find(keys.begin(), keys.end(), key) != keys.end();
-      count(layer, &LayerStats::predicted);
-      count(layer, &LayerStats::predicted_used, std::uint64_t{used});
-      confidence_[key] = -1.0f;
-    }
-    int slot = slot_of_[key];
-    if (slot < 0 || slots_[slot].pins > 0) continue;
-    if (cancel_queued_prefetch(slot)) {  // give the slot back
-      count(layer, &LayerStats::prefetch_cancelled);
-      count(layer, &LayerStats::prefetch_wasted);
-      slot_of_[key] = -1;
-      views_[slot].key = views_[slot].layer = -1;
-      slots_[slot].stale = slots_[slot].prefetched = false;
-    }
-  }
+  retire_predictions(layer, keys);
 
   auto start = std::chrono::steady_clock::now();
   bool waited = false;
