@@ -24,9 +24,14 @@ def mixtral_like(
 ) -> MixtralForCausalLM:
     """A Mixtral-shaped model with deterministic random weights (top-2 routing)."""
     config = MixtralConfig(
-        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=hidden // 128, num_key_value_heads=max(1, hidden // 512),
-        num_local_experts=experts, num_experts_per_tok=2, vocab_size=1024,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 128,
+        num_key_value_heads=max(1, hidden // 512),
+        num_local_experts=experts,
+        num_experts_per_tok=2,
+        vocab_size=1024,
         max_position_embeddings=4096,
     )
     config._experts_implementation = "grouped_mm"
@@ -36,21 +41,25 @@ def mixtral_like(
 
 def expert_bytes(model) -> int:
     return sum(
-        p.numel() * p.element_size()
-        for name, p in model.named_parameters()
-        if ".experts." in name
+        p.numel() * p.element_size() for name, p in model.named_parameters() if ".experts." in name
     )
 
 
 def machine() -> dict:
     cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
         platform.processor(),
     )
     info = {
-        "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

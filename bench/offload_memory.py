@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import resource
 
+import expertflow as ef
 import torch
 from common import expert_bytes, mixtral_like, save
-
-import expertflow as ef
 
 
 def rss_bytes() -> int:
@@ -52,8 +51,13 @@ def main() -> None:
     # backend) and one layer in flight; the pool replaces the experts' own storage.
     ratio = (peak - baseline - (model_bytes - experts) - arena) / experts
     result = {
-        "model": {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers,
-                  "experts_per_layer": model.config.num_local_experts, "dtype": "float32"},
+        "model": {
+            "hidden": args.hidden,
+            "intermediate": args.intermediate,
+            "layers": args.layers,
+            "experts_per_layer": model.config.num_local_experts,
+            "dtype": "float32",
+        },
         "expert_bytes": experts,
         "non_expert_bytes": model_bytes - experts,
         "slot_arena_bytes": arena,
@@ -67,10 +71,14 @@ def main() -> None:
         "meets_target": ratio <= 1.1,
     }
     gib = 2**30
-    print(f"experts {experts / gib:.2f} GiB, rest of the model {(model_bytes - experts) / gib:.2f} GiB, "
-          f"slots {arena / gib:.2f} GiB, runtime {baseline / gib:.2f} GiB")
-    print(f"peak RSS {peak / gib:.2f} GiB -> expert memory at peak {ratio:.3f}x the expert bytes "
-          "(target <= 1.1)")
+    print(
+        f"experts {experts / gib:.2f} GiB, rest of the model {(model_bytes - experts) / gib:.2f} GiB, "
+        f"slots {arena / gib:.2f} GiB, runtime {baseline / gib:.2f} GiB"
+    )
+    print(
+        f"peak RSS {peak / gib:.2f} GiB -> expert memory at peak {ratio:.3f}x the expert bytes "
+        "(target <= 1.1)"
+    )
     save("offload_memory_cpu", result)
 
 

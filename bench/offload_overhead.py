@@ -15,10 +15,9 @@ import statistics
 import time
 import warnings
 
+import expertflow as ef
 import torch
 from common import expert_bytes, mixtral_like, save
-
-import expertflow as ef
 
 
 def decode_seconds_per_token(model, prompt: torch.Tensor, tokens: int) -> float:
@@ -53,8 +52,9 @@ def main() -> None:
 
     model = mixtral_like(args.hidden, args.intermediate, args.layers).to(args.device)
     experts = model.config.num_local_experts
-    prompt = torch.randint(0, model.config.vocab_size, (1, 16),
-                           generator=torch.Generator().manual_seed(0)).to(args.device)
+    prompt = torch.randint(
+        0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)
+    ).to(args.device)
     stock, patched = [], []
     decode_seconds_per_token(model, prompt, 4)  # warm-up
     for _ in range(args.reps):
@@ -70,9 +70,15 @@ def main() -> None:
 
     ratio = statistics.median(p / s for p, s in zip(patched, stock))
     result = {
-        "model": {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers,
-                  "experts": experts, "top_k": 2, "dtype": "float32",
-                  "expert_bytes": expert_bytes(model)},
+        "model": {
+            "hidden": args.hidden,
+            "intermediate": args.intermediate,
+            "layers": args.layers,
+            "experts": experts,
+            "top_k": 2,
+            "dtype": "float32",
+            "expert_bytes": expert_bytes(model),
+        },
         "device": args.device,
         "tokens_per_rep": args.tokens,
         "stock_ms_per_token": [s * 1e3 for s in stock],

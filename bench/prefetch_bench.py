@@ -25,11 +25,10 @@ import statistics
 import time
 import warnings
 
-import torch
-from common import mixtral_like, save
-
 import expertflow as ef
 import expertflow.offloading
+import torch
+from common import mixtral_like, save
 from expertflow.prediction import find_router, router_choice
 
 CONFIGS = [
@@ -43,7 +42,9 @@ def decode(model, prompt: torch.Tensor, tokens: int, after_prefill=None) -> floa
     """Seconds per decode step after the prompt's prefill. The steps are fed a fixed
     random text rather than their own argmax: a random-weight model's greedy output soon
     repeats one token, whose routing then repeats too, unlike a real model's."""
-    text = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
+    text = torch.randint(
+        0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1)
+    )
     with torch.no_grad():
         past = model(prompt, use_cache=True).past_key_values
         if after_prefill is not None:
@@ -102,7 +103,9 @@ def main() -> None:
 
     model = mixtral_like(args.hidden, args.intermediate, args.layers)
     experts = model.config.num_local_experts
-    prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(
+        0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)
+    )
     slots = args.layers * experts // 4
 
     # The link: one expert's copy lasts copy_ratio x one layer's resident decode time.
@@ -114,8 +117,10 @@ def main() -> None:
         expert_bytes = handle.slot_bytes
     link_gbps = expert_bytes / (args.copy_ratio * layer_seconds) / 1e9
     floor = expert_bytes / (link_gbps * 1e9)
-    print(f"layer decode {layer_seconds * 1e3:.2f} ms, expert {expert_bytes / 2**20:.1f} MiB, "
-          f"emulated link {link_gbps:.3f} GB/s ({floor * 1e3:.1f} ms per expert), {slots} slots")
+    print(
+        f"layer decode {layer_seconds * 1e3:.2f} ms, expert {expert_bytes / 2**20:.1f} MiB, "
+        f"emulated link {link_gbps:.3f} GB/s ({floor * 1e3:.1f} ms per expert), {slots} slots"
+    )
 
     runs: dict[str, list[dict]] = {name: [] for name, _ in CONFIGS}
     reference = None
@@ -128,40 +133,65 @@ def main() -> None:
                     tokens = model.generate(prompt, max_new_tokens=8, do_sample=False)
             reference = tokens if reference is None else reference
             assert torch.equal(tokens, reference), f"{name} changed the output"
-            runs[name].append({
-                "ms_per_token": seconds * 1e3,
-                "stall_ms_per_token": stats["stall_seconds"] * 1e3 / args.tokens,
-                "misses": stats["misses"], "hits": stats["hits"], "hit_rate": stats["hit_rate"],
-                "prefetch_issued": stats["prefetch_issued"], "prefetch_used": stats["prefetch_used"],
-                "prefetch_wasted": stats["prefetch_wasted"], "precision": stats["precision"],
-                "recall": stats["recall"], "bytes_demand": stats["bytes_demand"],
-                "bytes_prefetch": stats["bytes_prefetch"],
-            })
+            runs[name].append(
+                {
+                    "ms_per_token": seconds * 1e3,
+                    "stall_ms_per_token": stats["stall_seconds"] * 1e3 / args.tokens,
+                    "misses": stats["misses"],
+                    "hits": stats["hits"],
+                    "hit_rate": stats["hit_rate"],
+                    "prefetch_issued": stats["prefetch_issued"],
+                    "prefetch_used": stats["prefetch_used"],
+                    "prefetch_wasted": stats["prefetch_wasted"],
+                    "precision": stats["precision"],
+                    "recall": stats["recall"],
+                    "bytes_demand": stats["bytes_demand"],
+                    "bytes_prefetch": stats["bytes_prefetch"],
+                }
+            )
 
     summary = {}
     for name, _ in CONFIGS:
         medians = {k: statistics.median(r[k] for r in runs[name]) for k in runs[name][0]}
         summary[name] = medians
     base = summary["lru"]["ms_per_token"]
-    print(f"{'config':14} {'ms/token':>9} {'stall ms':>9} {'speed-up':>9} {'misses':>7} "
-          f"{'hit rate':>9} {'precision':>9} {'recall':>7}")
+    print(
+        f"{'config':14} {'ms/token':>9} {'stall ms':>9} {'speed-up':>9} {'misses':>7} "
+        f"{'hit rate':>9} {'precision':>9} {'recall':>7}"
+    )
     for name, row in summary.items():
-        print(f"{name:14} {row['ms_per_token']:9.1f} {row['stall_ms_per_token']:9.1f} "
-              f"{base / row['ms_per_token']:9.2f} {row['misses']:7.0f} {row['hit_rate']:9.3f} "
-              f"{row['precision']:9.3f} {row['recall']:7.3f}")
+        print(
+            f"{name:14} {row['ms_per_token']:9.1f} {row['stall_ms_per_token']:9.1f} "
+            f"{base / row['ms_per_token']:9.2f} {row['misses']:7.0f} {row['hit_rate']:9.3f} "
+            f"{row['precision']:9.3f} {row['recall']:7.3f}"
+        )
     recall = lookahead_recall(model, prompt, args.tokens, [1, 2, 3])
     print("gate-lookahead recall: " + ", ".join(f"d={d}: {r:.3f}" for d, r in recall.items()))
-    save(f"prefetch_cpu_copy_ratio_{args.copy_ratio:g}", {
-        "protocol": __doc__,
-        "model": {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers,
-                  "experts": experts, "top_k": 2, "dtype": "float32", "expert_bytes": expert_bytes},
-        "slots": slots, "decode_tokens": args.tokens, "reps": args.reps,
-        "layer_decode_ms_resident": layer_seconds * 1e3, "copy_ratio": args.copy_ratio,
-        "emulated_link_gbps": link_gbps,
-        "configs": summary, "runs": runs,
-        "speedup_over_lru": {name: base / row["ms_per_token"] for name, row in summary.items()},
-        "gate_lookahead_recall": recall,
-    })
+    save(
+        f"prefetch_cpu_copy_ratio_{args.copy_ratio:g}",
+        {
+            "protocol": __doc__,
+            "model": {
+                "hidden": args.hidden,
+                "intermediate": args.intermediate,
+                "layers": args.layers,
+                "experts": experts,
+                "top_k": 2,
+                "dtype": "float32",
+                "expert_bytes": expert_bytes,
+            },
+            "slots": slots,
+            "decode_tokens": args.tokens,
+            "reps": args.reps,
+            "layer_decode_ms_resident": layer_seconds * 1e3,
+            "copy_ratio": args.copy_ratio,
+            "emulated_link_gbps": link_gbps,
+            "configs": summary,
+            "runs": runs,
+            "speedup_over_lru": {name: base / row["ms_per_token"] for name, row in summary.items()},
+            "gate_lookahead_recall": recall,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -39,12 +39,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import expertflow
 import torch
 import transformers
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.integrations.moe import use_experts_implementation
-
-import expertflow
 
 INPUT_SHAPE = (1, 8)
 RTOL, ATOL = 1e-4, 1e-5
@@ -116,7 +115,9 @@ def discover() -> list[Found]:
         try:
             module = importlib.import_module(name)
         except Exception as exc:  # optional dependencies, broken modules
-            found.append(Found(name, name, import_error=f"import failed: {type(exc).__name__}: {exc}"))
+            found.append(
+                Found(name, name, import_error=f"import failed: {type(exc).__name__}: {exc}")
+            )
             continue
         for obj in vars(module).values():
             if is_decorated_experts_class(obj) and obj.__module__ == name:
@@ -209,8 +210,14 @@ _SIZES: dict[str, Any] = {
     "num_nextn_predict_layers": 0,
     "num_mtp_layers": 0,
 }
-_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts",
-                  "num_routed_experts", "n_experts")
+_EXPERT_COUNTS = (
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+    "moe_num_experts",
+    "num_routed_experts",
+    "n_experts",
+)
 # Fields set whatever their default (None often means "no MoE" for these).
 _ALWAYS: dict[str, Any] = {
     "mlp_only_layers": [],
@@ -218,8 +225,17 @@ _ALWAYS: dict[str, Any] = {
     "moe_intermediate_size": 64,
     "n_shared_experts": 1,  # some families multiply by it even when their default is None
     **{k: 8 for k in _EXPERT_COUNTS},
-    **{k: 2 for k in ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "top_k",
-                      "top_k_experts")},
+    **{
+        k: 2
+        for k in (
+            "num_experts_per_tok",
+            "num_experts_per_token",
+            "moe_topk",
+            "moe_k",
+            "top_k",
+            "top_k_experts",
+        )
+    },
 }
 # Any other int field whose name contains one of these is an intermediate (FFN) size.
 _INTERMEDIATE = ("intermediate_size", "intermediate_dim")
@@ -264,7 +280,12 @@ def tiny_kwargs(config: PreTrainedConfig, extra: dict[str, dict] | None = None) 
     for name, default in defaults.items():
         if name in _ALWAYS:
             value, current = _ALWAYS[name], getattr(config, name, default)
-            if isinstance(current, list) and current and all(_is_int(d) for d in current) and _is_int(value):
+            if (
+                isinstance(current, list)
+                and current
+                and all(_is_int(d) for d in current)
+                and _is_int(value)
+            ):
                 value = [value] * len(current)  # one per modality (text, vision, ...)
             kwargs[name] = value
         elif name in _SIZES:
@@ -286,7 +307,9 @@ def tiny_kwargs(config: PreTrainedConfig, extra: dict[str, dict] | None = None) 
         sub = getattr(config, key, None)
         if isinstance(sub, PreTrainedConfig):
             sub_kwargs = tiny_kwargs(sub, extra)
-            if not issubclass(specs[key].config_class, PreTrainedConfig):  # AutoConfig: by model_type
+            if not issubclass(
+                specs[key].config_class, PreTrainedConfig
+            ):  # AutoConfig: by model_type
                 sub_kwargs["model_type"] = sub.model_type
             kwargs[key] = sub_kwargs
     if "kv_lora_rank" in defaults and "num_key_value_heads" in kwargs:  # MLA: k/v have every head
@@ -307,7 +330,9 @@ def _tiny_mrope(config: PreTrainedConfig, kwargs: dict[str, Any]) -> dict[str, A
     if not head:
         hidden = kwargs.get("hidden_size", config.hidden_size)
         head = hidden // kwargs.get("num_attention_heads", config.num_attention_heads)
-    factor = rope.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0
+    factor = (
+        rope.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0
+    )
     half = int(head * factor) // 2
     rope["mrope_section"] = _scaled_section(rope.get("mrope_section") or [1, 1, 1], half)
     return rope
@@ -341,14 +366,17 @@ def _fix_token_ids(config: PreTrainedConfig, vocab: int) -> set[int]:
     """Moves special token ids that fall outside the tiny vocabulary into its top (one new
     id per old one); returns every special id, so that the random input avoids them."""
     entries = _token_ids(config)
-    as_list = lambda value: value if isinstance(value, list) else [value]  # noqa: E731
+    as_list = lambda value: value if isinstance(value, list) else [value]
     special = {v for _, _, value in entries for v in as_list(value) if _is_int(v) and v < vocab}
     moved: dict[int, int] = {}
     free = (t for t in range(vocab - 1, -1, -1) if t not in special)
     for c, name, value in entries:
         if not any(_is_int(v) and v >= vocab for v in as_list(value)):
             continue
-        fixed = [moved.setdefault(v, next(free)) if _is_int(v) and v >= vocab else v for v in as_list(value)]
+        fixed = [
+            moved.setdefault(v, next(free)) if _is_int(v) and v >= vocab else v
+            for v in as_list(value)
+        ]
         setattr(c, name, fixed if isinstance(value, list) else fixed[0])
     return special | set(moved.values())
 
@@ -437,7 +465,10 @@ def model_candidates(experts_cls: type) -> list[type]:
     stem = experts_cls.__name__.removesuffix("Experts")
     ranked = []
     for name, obj in vars(module).items():
-        if not (isinstance(obj, type) and issubclass(obj, PreTrainedModel)) or obj.__module__ != module.__name__:
+        if (
+            not (isinstance(obj, type) and issubclass(obj, PreTrainedModel))
+            or obj.__module__ != module.__name__
+        ):
             continue
         if name.endswith("PreTrainedModel") or (public and name not in public):
             continue
@@ -565,11 +596,19 @@ def _randomize_experts(model: torch.nn.Module, experts_cls: type, num_experts: i
             continue
         # the MoE block: its router is one of its parameters or in a child (mlp.gate, mlp.router)
         candidates = [(pname, p) for pname, p in module.named_parameters(recurse=False)]
-        candidates += [(f"{cname}.{pname}", p) for cname, c in children.items() if not isinstance(c, experts_cls)
-                       for pname, p in c.named_parameters(recurse=False)]
+        candidates += [
+            (f"{cname}.{pname}", p)
+            for cname, c in children.items()
+            if not isinstance(c, experts_cls)
+            for pname, p in c.named_parameters(recurse=False)
+        ]
         for pname, p in candidates:
-            if (p.is_floating_point() and p.dim() == 2 and p.shape[0] == num_experts
-                    and not p.detach().abs().max().item() > 1e-30):
+            if (
+                p.is_floating_point()
+                and p.dim() == 2
+                and p.shape[0] == num_experts
+                and not p.detach().abs().max().item() > 1e-30
+            ):
                 fill(p)
                 routers.append(f"{name}.{pname}")
     return routers
@@ -618,14 +657,24 @@ def check_class(experts_cls: type, timeout_s: float = 60.0) -> dict[str, Any]:
             experts = [m for m in model.modules() if isinstance(m, experts_cls)]
             implementations = {m.config._experts_implementation for m in experts}
             if implementations != {"grouped_mm"}:
-                raise RuntimeError(f"the reference would run experts implementation {implementations}, not grouped_mm")
+                raise RuntimeError(
+                    f"the reference would run experts implementation {implementations}, not grouped_mm"
+                )
             per_layer = max(int(m.down_proj.shape[0]) for m in experts)
             row["experts_modules"], row["experts_per_layer"] = len(experts), per_layer
             zero_routers = _randomize_experts(model, experts_cls, per_layer)
             if zero_routers:
                 row["zero_routers_randomized"] = zero_routers
-            row["layout"] = {f: bool(getattr(experts[0], f)) for f in
-                             ("has_gate", "has_bias", "is_transposed", "is_concatenated", "has_post_expert_norm")}
+            row["layout"] = {
+                f: bool(getattr(experts[0], f))
+                for f in (
+                    "has_gate",
+                    "has_bias",
+                    "is_transposed",
+                    "is_concatenated",
+                    "has_post_expert_norm",
+                )
+            }
             allowed = torch.tensor([t for t in range(_vocab(config)) if t not in special])
             gen = torch.Generator().manual_seed(SEED + 1)
             input_ids = allowed[torch.randint(0, len(allowed), INPUT_SHAPE, generator=gen)]
@@ -633,7 +682,9 @@ def check_class(experts_cls: type, timeout_s: float = 60.0) -> dict[str, Any]:
             stage = "reference forward"
             reference = _forward(model, input_ids)
             if not torch.equal(_forward(model, input_ids), reference):
-                raise RuntimeError("the stock model's forward is not deterministic; nothing to compare")
+                raise RuntimeError(
+                    "the stock model's forward is not deterministic; nothing to compare"
+                )
             stage = "sensitivity"
             # Would a wrong slot mapping show? Give each expert its neighbour's weights.
             sensitive = _depends_on_expert_identity(model, experts, per_layer, input_ids, reference)
@@ -659,13 +710,18 @@ def check_class(experts_cls: type, timeout_s: float = 60.0) -> dict[str, Any]:
     row["sensitive"] = sensitive
     notes = [detail] if detail else []
     if row.get("zero_routers_randomized"):
-        notes.append(f"its init leaves the routers at zero; {len(row['zero_routers_randomized'])} randomized")
+        notes.append(
+            f"its init leaves the routers at zero; {len(row['zero_routers_randomized'])} randomized"
+        )
     if not sensitive:
         status = "failed"
         notes.append("blind check: the output does not change when experts swap weights")
     if status != "MISMATCH":
         if stats["misses"] <= 0:
-            status, notes = "failed", notes + [f"offloaded forward made no cache miss (stats: {stats['misses']} misses)"]
+            status, notes = (
+                "failed",
+                notes + [f"offloaded forward made no cache miss (stats: {stats['misses']} misses)"],
+            )
         restored_status, restored_detail = _compare(restored, reference)
         if restored_status != "exact":
             status = "failed"
@@ -677,7 +733,10 @@ def check_class(experts_cls: type, timeout_s: float = 60.0) -> dict[str, Any]:
 
 
 def run_all(
-    only: list[str] | None = None, timeout_s: float = 60.0, budget_s: float = 170.0, verbose: bool = False
+    only: list[str] | None = None,
+    timeout_s: float = 60.0,
+    budget_s: float = 170.0,
+    verbose: bool = False,
 ) -> list[dict]:
     """One row per discovered class (or failed import); `only` filters by class name or
     family; each class gets at most `timeout_s`, the whole run about `budget_s`."""
@@ -690,18 +749,37 @@ def run_all(
             continue
         left = deadline - time.monotonic()
         if found.cls is None:
-            rows.append({"experts_class": found.module, "module": found.module, "model_type": family,
-                         "model_class": None, "status": "failed", "detail": found.import_error})
+            rows.append(
+                {
+                    "experts_class": found.module,
+                    "module": found.module,
+                    "model_type": family,
+                    "model_class": None,
+                    "status": "failed",
+                    "detail": found.import_error,
+                }
+            )
         elif left < 1:
-            rows.append({"experts_class": name, "module": found.module, "model_type": family,
-                         "model_class": None, "status": "failed",
-                         "detail": f"not run: the run's time budget of {budget_s:.0f} s was spent"})
+            rows.append(
+                {
+                    "experts_class": name,
+                    "module": found.module,
+                    "model_type": family,
+                    "model_class": None,
+                    "status": "failed",
+                    "detail": f"not run: the run's time budget of {budget_s:.0f} s was spent",
+                }
+            )
         else:
             rows.append(check_class(found.cls, min(timeout_s, left)))
         if verbose:
             r = rows[-1]
-            print(f"  {r['model_type']:<28} {r['experts_class']:<34} {r['status']:<16} "
-                  f"{r.get('seconds', 0):5.1f}s {r['detail'][:150]}", file=sys.stderr, flush=True)
+            print(
+                f"  {r['model_type']:<28} {r['experts_class']:<34} {r['status']:<16} "
+                f"{r.get('seconds', 0):5.1f}s {r['detail'][:150]}",
+                file=sys.stderr,
+                flush=True,
+            )
     rows.sort(key=lambda r: (r["model_type"], r["experts_class"]))
     return rows
 
@@ -726,7 +804,12 @@ def markdown_table(rows: list[dict]) -> str:
 def summary(rows: list[dict]) -> dict[str, int]:
     exact = sum(r["status"] == "exact" for r in rows)
     rounding = sum(r["status"] == "within rounding" for r in rows)
-    return {"exact": exact, "within_rounding": rounding, "failed": len(rows) - exact - rounding, "total": len(rows)}
+    return {
+        "exact": exact,
+        "within_rounding": rounding,
+        "failed": len(rows) - exact - rounding,
+        "total": len(rows),
+    }
 
 
 def summary_line(rows: list[dict]) -> str:
@@ -740,10 +823,20 @@ def _git_state() -> dict[str, Any] | None:
 
     root = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "python/expertflow"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "python/expertflow"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": commit, "python_expertflow_modified": bool(dirty)}
@@ -754,10 +847,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     parser.add_argument("--only", nargs="*", help="experts class names or model families to check")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per class (default 60)")
-    parser.add_argument("--budget", type=float, default=170.0,
-                        help="seconds for the whole run; classes left then are reported, not run (default 170)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print each row as it finishes")
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds per class (default 60)"
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=170.0,
+        help="seconds for the whole run; classes left then are reported, not run (default 170)",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="print each row as it finishes"
+    )
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -780,10 +881,16 @@ def main(argv: list[str] | None = None) -> int:
         },
         "machine": {"cpu_threads": torch.get_num_threads(), "cores": os.cpu_count()},
         "check": {
-            "device": "cpu", "policy": "lru", "slots": "experts per layer", "input_shape": list(INPUT_SHAPE),
-            "reference_experts_implementation": "grouped_mm", "rtol": RTOL, "atol": ATOL, "seed": SEED,
+            "device": "cpu",
+            "policy": "lru",
+            "slots": "experts per layer",
+            "input_shape": list(INPUT_SHAPE),
+            "reference_experts_implementation": "grouped_mm",
+            "rtol": RTOL,
+            "atol": ATOL,
+            "seed": SEED,
             "weights": "the family's own init, then every experts parameter (and any router left at "
-                       "zero) seeded N(0, 0.02)",
+            "zero) seeded N(0, 0.02)",
         },
         "elapsed_seconds": round(elapsed, 1),
         "summary": summary(rows),

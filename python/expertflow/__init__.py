@@ -15,12 +15,12 @@ from expertflow.core import (
 )
 
 __all__ = [
-    "OffloadHandle",
-    "offload",
     "ExpertCache",
     "ExpertLayout",
     "HostPool",
+    "OffloadHandle",
     "build_info",
+    "offload",
     "parse_bytes",
     "parse_device",
 ]

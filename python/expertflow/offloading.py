@@ -18,6 +18,7 @@ device and stays there.
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,10 +110,7 @@ class _ExpertsPlan:
             for n, p in params.items()
             if n not in expected and p.dim() > 0 and p.shape[0] == num_experts
         ]
-        if (
-            any(n not in params or params[n].shape[0] != num_experts for n in expected)
-            or unknown
-        ):
+        if any(n not in params or params[n].shape[0] != num_experts for n in expected) or unknown:
             raise ValueError(
                 f"{name} ({type(module).__name__}) has an experts layout expertflow does not "
                 f"know: with has_gate={module.has_gate} and has_bias={module.has_bias} it "
@@ -120,13 +118,17 @@ class _ExpertsPlan:
                 f"{ {n: tuple(p.shape) for n, p in params.items()} }"
             )
         specs, blob_bytes = _blob_specs([(n, params[n][0]) for n in expected])
-        return cls(name, module, num_experts, specs, blob_bytes, {n: [params[n]] for n in expected}, True)
+        return cls(
+            name, module, num_experts, specs, blob_bytes, {n: [params[n]] for n in expected}, True
+        )
 
     @classmethod
     def module_list(cls, name: str, experts: torch.nn.ModuleList) -> _ExpertsPlan:
         named = [list(expert.named_parameters()) for expert in experts]
         shapes = [[(n, p.shape, p.dtype) for n, p in expert] for expert in named]
-        if any(type(e) is not type(experts[0]) for e in experts) or any(s != shapes[0] for s in shapes):
+        if any(type(e) is not type(experts[0]) for e in experts) or any(
+            s != shapes[0] for s in shapes
+        ):
             raise ValueError(
                 f"{name} is a ModuleList of experts whose members differ in class or in their "
                 "parameters; expertflow needs equal experts"
@@ -248,7 +250,7 @@ class _FusedRunner:
         prefetch = None
         if self.prefetcher is not None:
             self.prefetcher.observe(self.layer, chosen, hidden_states.shape[0])
-            prefetch = lambda: self.prefetcher.prefetch(self.layer, predicted)  # noqa: E731
+            prefetch = functools.partial(self.prefetcher.prefetch, self.layer, predicted)
 
         per_pass = self.slots.cache.max_acquire
         if len(chosen) <= per_pass:  # prefetch once this layer's experts are pinned
@@ -260,7 +262,10 @@ class _FusedRunner:
             group = chosen[start : start + per_pass]
             in_group = (rank >= start) & (rank < start + len(group))
             part = self._run(
-                group, (rank - start).clamp(0, len(group) - 1), hidden_states, top_k_weights * in_group
+                group,
+                (rank - start).clamp(0, len(group) - 1),
+                hidden_states,
+                top_k_weights * in_group,
             )
             out = part if out is None else out + part
         if prefetch is not None:
@@ -355,7 +360,9 @@ class OffloadHandle:
             layer["name"] = name
         for counters in [stats, *stats["layers"]]:
             looked_up = counters["hits"] + counters["misses"]
-            counters["precision"] = counters["predicted_used"] / counters["predicted"] if counters["predicted"] else 0.0
+            counters["precision"] = (
+                counters["predicted_used"] / counters["predicted"] if counters["predicted"] else 0.0
+            )
             counters["recall"] = counters["predicted_used"] / looked_up if looked_up else 0.0
         stats.update(num_slots=self.num_slots, slot_bytes=self.slot_bytes, policy=self.cache.policy)
         return stats
@@ -432,10 +439,14 @@ def offload(
         raise ValueError("this model is already offloaded; call restore() on its handle first")
     fused = any(p.fused for p in plans)
     if fused and not model._can_set_experts_implementation():
-        raise ValueError(f"{type(model).__name__} does not let transformers set its experts implementation")
+        raise ValueError(
+            f"{type(model).__name__} does not let transformers set its experts implementation"
+        )
     counts = {p.num_experts for p in plans}
     if len(counts) != 1:
-        raise ValueError(f"expertflow needs the same number of experts in every layer, found {sorted(counts)}")
+        raise ValueError(
+            f"expertflow needs the same number of experts in every layer, found {sorted(counts)}"
+        )
     num_experts = counts.pop()
     slot_bytes = _align(max(p.blob_bytes for p in plans))
     if (budget is None) == (slots is None):
@@ -443,19 +454,29 @@ def offload(
     num_slots = slots if slots is not None else parse_bytes(budget) // slot_bytes
     minimum = max(p.experts_per_token for p in plans)
     if num_slots < minimum:
-        given = f"{num_slots} slots" if budget is None else f"a budget of {parse_bytes(budget)} bytes ({num_slots} slots)"
+        given = (
+            f"{num_slots} slots"
+            if budget is None
+            else f"a budget of {parse_bytes(budget)} bytes ({num_slots} slots)"
+        )
         raise ValueError(
             f"{given} is below the minimum of {minimum} slots = {minimum * slot_bytes} bytes: "
             f"one slot of {slot_bytes} bytes for each of the {minimum} experts a token uses"
         )
 
     # Everything that can fail for want of memory or a device happens before the model changes.
-    layout = ExpertLayout(len(plans), num_experts, [p.blob_bytes for p in plans for _ in range(num_experts)])
+    layout = ExpertLayout(
+        len(plans), num_experts, [p.blob_bytes for p in plans for _ in range(num_experts)]
+    )
     emulated = {"link_gbps": link_gbps or 0.0, "link_latency_us": link_latency_us}
     pool = HostPool(layout, str(torch_device), **(emulated if torch_device.type == "cpu" else {}))
-    cache = ExpertCache(pool, slots=num_slots, policy=policy, prefetch_streams=prefetch_streams, **policy_options)
+    cache = ExpertCache(
+        pool, slots=num_slots, policy=policy, prefetch_streams=prefetch_streams, **policy_options
+    )
     pool_bytes = torch.frombuffer(memoryview(pool._pool), dtype=torch.uint8)
-    slot_table = _Slots(cache, _arena_tensor(cache, torch_device), cache.slot_address(0), torch_device)
+    slot_table = _Slots(
+        cache, _arena_tensor(cache, torch_device), cache.slot_address(0), torch_device
+    )
     before = model.get_experts_implementation() if fused else None
 
     undo = _Undo()
@@ -467,7 +488,10 @@ def offload(
             prefetcher = Prefetcher(
                 cache,
                 [find_router(model, p.name, num_experts) if p.fused else None for p in plans],
-                num_experts, max(p.experts_per_token for p in plans), predictor, lookahead,
+                num_experts,
+                max(p.experts_per_token for p in plans),
+                predictor,
+                lookahead,
                 link_gbps * 1e9,
             )
         _move_non_experts(model, plans, torch_device, undo)
@@ -484,7 +508,9 @@ def offload(
                 implementation = plan.module.config._experts_implementation
                 weights = {spec.name: slot_table.views(spec) for spec in plan.tensors}
                 plan.module.__dict__["_expertflow"] = _FusedRunner(
-                    layer, slot_table, _SlotExperts(plan.module, weights, num_slots),
+                    layer,
+                    slot_table,
+                    _SlotExperts(plan.module, weights, num_slots),
                     _INNER.get(implementation, grouped_mm_experts_forward),
                     prefetcher,
                 )
@@ -493,7 +519,9 @@ def offload(
                 views = {spec.name: slot_table.views(spec) for spec in plan.tensors}
                 for e, expert in enumerate(plan.module):
                     params = {n: plan.params[n][e] for n in plan.params}
-                    expert.__dict__["forward"] = _ExpertRunner(layer, e, expert, slot_table, params, views)
+                    expert.__dict__["forward"] = _ExpertRunner(
+                        layer, e, expert, slot_table, params, views
+                    )
                     undo.patched.append((expert, "forward"))
         if fused:
             undo.implementation = before

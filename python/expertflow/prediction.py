@@ -33,13 +33,18 @@ DEFAULT_LINK_GBPS = 25.0  # a PCIe 4.0 x16 link, for the budget when none is giv
 HISTORY_WEIGHT = 0.5  # the history's share of a merged score; the router's is 1
 
 
-def find_router(model: torch.nn.Module, experts_name: str, num_experts: int) -> torch.nn.Module | None:
+def find_router(
+    model: torch.nn.Module, experts_name: str, num_experts: int
+) -> torch.nn.Module | None:
     """The router beside an experts module: a sibling whose weight has one row per expert."""
     parent_name, _, own_name = experts_name.rpartition(".")
     for name, child in model.get_submodule(parent_name).named_children():
         weight = getattr(child, "weight", None)
-        if name != own_name and isinstance(weight, torch.Tensor) and weight.dim() == 2 and (
-            weight.shape[0] == num_experts
+        if (
+            name != own_name
+            and isinstance(weight, torch.Tensor)
+            and weight.dim() == 2
+            and (weight.shape[0] == num_experts)
         ):
             return child
     return None
@@ -51,12 +56,24 @@ def router_choice(router: torch.nn.Module, hidden_states: torch.Tensor):
     recorders (router logits) do not see these extra calls."""
     out = type(router).forward(router, hidden_states)
     tensors = out if isinstance(out, (tuple, list)) else (out,)
-    index = next((t for t in tensors if isinstance(t, torch.Tensor) and t.dim() == 2
-                  and not t.is_floating_point()), None)
+    index = next(
+        (
+            t
+            for t in tensors
+            if isinstance(t, torch.Tensor) and t.dim() == 2 and not t.is_floating_point()
+        ),
+        None,
+    )
     if index is None:
         return None
-    weights = next((t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()
-                    and t.shape == index.shape), torch.ones_like(index, dtype=torch.float32))
+    weights = next(
+        (
+            t
+            for t in tensors
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape == index.shape
+        ),
+        torch.ones_like(index, dtype=torch.float32),
+    )
     return index, weights
 
 
@@ -85,7 +102,9 @@ class Prefetcher:
             raise ValueError(f"lookahead must be at least 1 layer, got {self.lookahead}")
         self.history = _C.TransitionPredictor(len(self.routers), self.num_experts)
 
-    def gate_scores(self, layer: int, hidden_states: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    def gate_scores(
+        self, layer: int, hidden_states: torch.Tensor
+    ) -> list[tuple[int, torch.Tensor]]:
         """Per lookahead layer: [num_experts] scores from its router on this hidden state
         (the highest routing weight any token gives each expert), still on the device."""
         if self.predictor == "history":
@@ -106,7 +125,9 @@ class Prefetcher:
         """A layer's experts forward begins, having chosen `chosen` for `tokens` tokens."""
         if self._ready is not None and layer > 0:
             seconds = time.perf_counter() - self._ready
-            self.layer_seconds = seconds if not self.layer_seconds else 0.8 * self.layer_seconds + 0.2 * seconds
+            self.layer_seconds = (
+                seconds if not self.layer_seconds else 0.8 * self.layer_seconds + 0.2 * seconds
+            )
         self._ready = None
         self._tokens = tokens
         if layer == 0 and tokens > 1:  # a prefill: a new request

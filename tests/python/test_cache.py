@@ -7,9 +7,9 @@ import time
 from collections.abc import Callable
 
 import expertflow as ef
-from conftest import hit_counters
 import numpy as np
 import pytest
+from conftest import hit_counters
 
 POLICIES = ["lru", "lfu", "static", "expertflow", "belady"]
 COUNTERS = [
@@ -182,7 +182,11 @@ def test_prefetch_then_acquire_counts_prefetch_hits(make_pool, check_slots):
         assert stats["prefetch_hits"] == stats["prefetch_used"] == 2
         assert stats["prefetch_wasted"] == stats["prefetch_cancelled"] == 0
         assert hit_counters(stats["layers"][1]) == {
-            "hits": 2, "prefetch_hits": 2, "misses": 0, "predicted": 2, "predicted_used": 2
+            "hits": 2,
+            "prefetch_hits": 2,
+            "misses": 0,
+            "predicted": 2,
+            "predicted_used": 2,
         }
         assert stats["bytes_demand"] == 0
         # A second acquire is an ordinary hit.

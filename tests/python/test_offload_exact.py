@@ -11,12 +11,11 @@ logits are bit-identical.
 
 from __future__ import annotations
 
+import expertflow as ef
+import expertflow.offloading
 import pytest
 import tiny_models as tm
 import torch
-
-import expertflow as ef
-import expertflow.offloading
 
 NEW_TOKENS = 16
 POLICIES = ["lru", "lfu", "static", "expertflow"]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import expertflow as ef
 import pytest
 import torch
 from torch import nn
-
-import expertflow as ef
 
 HIDDEN, LAYERS, EXPERTS, TOP_K = 48, 3, 6, 2
 
@@ -83,6 +82,8 @@ def test_experts_that_differ_are_refused_and_the_model_left_alone():
     model = ToyMoeModel()
     model.layers[1].experts[2] = ExpertMLP(bias=False)  # one expert without biases
     before = {n: p.data_ptr() for n, p in model.named_parameters()}
-    with pytest.raises(ValueError, match="layers.1.experts is a ModuleList of experts whose members differ"):
+    with pytest.raises(
+        ValueError, match="layers.1.experts is a ModuleList of experts whose members differ"
+    ):
         ef.offload(model, "cpu", slots=EXPERTS)
     assert before == {n: p.data_ptr() for n, p in model.named_parameters()}

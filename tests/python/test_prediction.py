@@ -3,12 +3,11 @@ and never a different output."""
 
 from __future__ import annotations
 
+import expertflow as ef
+import expertflow.offloading
 import pytest
 import tiny_models as tm
 import torch
-
-import expertflow as ef
-import expertflow.offloading
 from expertflow.prediction import find_router, router_choice
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -17,7 +16,9 @@ NEW_TOKENS = 16
 
 def generate(model, inputs) -> torch.Tensor:
     with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        return model.generate(
+            **inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
+        )
 
 
 def quarter(model) -> int:
@@ -42,7 +43,7 @@ def test_the_lookahead_router_is_the_models_own(arch):
     for plan in plans:
         router = find_router(model, plan.name, plan.num_experts)
         assert router is not None, plan.name
-        module, hidden, chosen = next(s for s in seen if s[0] is plan.module)
+        _, hidden, chosen = next(s for s in seen if s[0] is plan.module)
         index, _ = router_choice(router, hidden)
         assert torch.equal(index.sort(-1).values, chosen.sort(-1).values), plan.name
 
@@ -53,7 +54,9 @@ def test_prediction_lowers_demand_misses_and_changes_no_output(arch):
     reference = generate(model, inputs)
     misses = {}
     for prefetch in (False, True):
-        with ef.offload(model, "cpu", slots=quarter(model), policy="lru", prefetch=prefetch) as handle:
+        with ef.offload(
+            model, "cpu", slots=quarter(model), policy="lru", prefetch=prefetch
+        ) as handle:
             assert torch.equal(generate(model, inputs), reference)
             misses[prefetch] = handle.stats()["misses"]
             stats = handle.stats()
@@ -67,8 +70,14 @@ def test_prediction_lowers_demand_misses_and_changes_no_output(arch):
 def test_every_predictor_and_depth_is_exact(predictor, lookahead):
     model, inputs = tm.build("qwen3_moe", seed=2)
     reference = generate(model, inputs)
-    with ef.offload(model, "cpu", slots=quarter(model), policy="expertflow",
-                    predictor=predictor, lookahead=lookahead) as handle:
+    with ef.offload(
+        model,
+        "cpu",
+        slots=quarter(model),
+        policy="expertflow",
+        predictor=predictor,
+        lookahead=lookahead,
+    ) as handle:
         assert torch.equal(generate(model, inputs), reference)
         stats = handle.stats()
     assert stats["predicted"] > 0
@@ -82,15 +91,20 @@ def test_precision_and_recall_follow_the_counters():
         generate(model, inputs)
         stats = handle.stats()
     assert stats["precision"] == pytest.approx(stats["predicted_used"] / stats["predicted"])
-    assert stats["recall"] == pytest.approx(stats["predicted_used"] / (stats["hits"] + stats["misses"]))
+    assert stats["recall"] == pytest.approx(
+        stats["predicted_used"] / (stats["hits"] + stats["misses"])
+    )
     # Layer 0 has no layer before it to predict it from the router.
     assert stats["layers"][0]["predicted"] == 0
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"predictor": "psychic"}, "unknown predictor 'psychic'"),
-    ({"lookahead": 0}, "lookahead must be at least 1 layer, got 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"predictor": "psychic"}, "unknown predictor 'psychic'"),
+        ({"lookahead": 0}, "lookahead must be at least 1 layer, got 0"),
+    ],
+)
 def test_bad_prediction_options_leave_the_model_alone(kwargs, message):
     model, inputs = tm.build("mixtral")
     with torch.no_grad():
@@ -110,5 +124,7 @@ def test_every_counter_is_kept_per_layer_and_in_total():
     for key, total in stats["layers"][0].items():
         if isinstance(total, int):
             assert sum(layer[key] for layer in stats["layers"]) == stats[key], key
-    assert sum(layer["stall_seconds"] for layer in stats["layers"]) == pytest.approx(stats["stall_seconds"])
+    assert sum(layer["stall_seconds"] for layer in stats["layers"]) == pytest.approx(
+        stats["stall_seconds"]
+    )
     assert stats["prefetch_issued"] > 0 and stats["bytes_demand"] > 0

@@ -56,10 +56,27 @@ def test_offloaded_forward_matches_the_stock_model(bench, discovered, experts_cl
 
 def test_table_and_summary(bench):
     rows = [
-        {"model_type": "b", "experts_class": "B", "model_class": "BForCausalLM", "status": "exact", "detail": ""},
-        {"model_type": "a", "experts_class": "A", "model_class": None, "status": "failed", "detail": "x | y"},
-        {"model_type": "c", "experts_class": "C", "model_class": "C", "status": "within rounding",
-         "detail": "max |diff| = 1e-06"},
+        {
+            "model_type": "b",
+            "experts_class": "B",
+            "model_class": "BForCausalLM",
+            "status": "exact",
+            "detail": "",
+        },
+        {
+            "model_type": "a",
+            "experts_class": "A",
+            "model_class": None,
+            "status": "failed",
+            "detail": "x | y",
+        },
+        {
+            "model_type": "c",
+            "experts_class": "C",
+            "model_class": "C",
+            "status": "within rounding",
+            "detail": "max |diff| = 1e-06",
+        },
     ]
     table = bench.markdown_table(rows).splitlines()
     assert table[0] == "| model type | experts class | model class | result |"

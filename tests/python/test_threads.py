@@ -8,9 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 import expertflow as ef
-from conftest import hit_counters
 import numpy as np
 import pytest
+from conftest import hit_counters
 
 NUM_THREADS = 6
 OPS_PER_THREAD = 600
@@ -164,7 +164,11 @@ def test_waiting_on_another_callers_copy_is_a_hit(make_pool, check_slots):
         assert stats["misses"] == 2  # two demand copies
         assert stats["hits"] == 1  # expert 1, the second time
         assert hit_counters(stats["layers"][0]) == {
-            "hits": 1, "prefetch_hits": 0, "misses": 2, "predicted": 0, "predicted_used": 0
+            "hits": 1,
+            "prefetch_hits": 0,
+            "misses": 2,
+            "predicted": 0,
+            "predicted_used": 0,
         }
 
 
