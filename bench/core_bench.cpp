@@ -224,11 +224,21 @@ class JsonWriter {
     out_ << '"';
     for (unsigned char c : s) {
       switch (c) {
-        case '"': out_ << "\\\""; break;
-        case '\\': out_ << "\\\\"; break;
-        case '\n': out_ << "\\n"; break;
-        case '\t': out_ << "\\t"; break;
-        case '\r': out_ << "\\r"; break;
+        case '"':
+          out_ << "\\\"";
+          break;
+        case '\\':
+          out_ << "\\\\";
+          break;
+        case '\n':
+          out_ << "\\n";
+          break;
+        case '\t':
+          out_ << "\\t";
+          break;
+        case '\r':
+          out_ << "\\r";
+          break;
         default:
           if (c < 0x20) {
             char buf[8];
@@ -360,9 +370,9 @@ void print_group(const Group& g) {
   for (const Row& r : g.rows) {
     if (r.samples.empty()) continue;
     int digits = r.unit == "x" ? 3 : r.unit == "GB/s" ? 2 : 1;
-    std::printf("   %-34s %-10s %11.*f %11.*f %11.*f %10s  %s\n", r.metric.c_str(),
-                r.unit.c_str(), digits, r.median(), digits, r.min(), digits, r.max(),
-                r.target.str().c_str(), r.has_target() ? (r.pass() ? "PASS" : "FAIL") : "");
+    std::printf("   %-34s %-10s %11.*f %11.*f %11.*f %10s  %s\n", r.metric.c_str(), r.unit.c_str(),
+                digits, r.median(), digits, r.min(), digits, r.max(), r.target.str().c_str(),
+                r.has_target() ? (r.pass() ? "PASS" : "FAIL") : "");
   }
   for (const std::string& n : g.notes) std::printf("   note: %s\n", n.c_str());
   std::fflush(stdout);
@@ -571,8 +581,8 @@ Group bench_acquire_hit(const Env& env) {
   g.param("reps", reps);
 
   ef::Backend& backend = *env.backend;
-  auto pool = std::make_shared<ef::HostPool>(env.backend,
-                                             ef::ExpertLayout(kLayers, kExperts, kBlob));
+  auto pool =
+      std::make_shared<ef::HostPool>(env.backend, ef::ExpertLayout(kLayers, kExperts, kBlob));
   fill_pool(*pool);
   ef::ExpertCache cache(pool, kSlots, ef::PolicyOptions{}, 1);
   const std::vector<int> all = range(kExperts);
@@ -586,8 +596,8 @@ Group bench_acquire_hit(const Env& env) {
     for (int e = 0; e < kExperts; ++e) resident += cache.resident(layer, e) ? 1 : 0;
   }
   if (resident != kLayers * kExperts) {
-    g.notes.push_back("WARNING: after loading every expert, " + std::to_string(resident) +
-                      " of " + std::to_string(kLayers * kExperts) + " are resident");
+    g.notes.push_back("WARNING: after loading every expert, " + std::to_string(resident) + " of " +
+                      std::to_string(kLayers * kExperts) + " are resident");
   }
 
   // Random top-8 sets, a different one for every layer of a run of passes.
@@ -676,8 +686,8 @@ Group bench_victim_choice(const Env& env) {
   g.param("policies", "lru,lfu,expertflow,static");
 
   ef::Backend& backend = *env.backend;
-  auto pool = std::make_shared<ef::HostPool>(env.backend,
-                                             ef::ExpertLayout(kLayers, kExperts, kBlob));
+  auto pool =
+      std::make_shared<ef::HostPool>(env.backend, ef::ExpertLayout(kLayers, kExperts, kBlob));
   fill_pool(*pool);
   const ef::ExpertLayout& layout = pool->layout();
   const std::vector<int> fill = range(kFillPerLayer);
@@ -807,13 +817,12 @@ Group bench_victim_choice(const Env& env) {
                         " misses and hits; stats: " + stats_summary(s));
     }
     if (policy_name != "static" && s.evictions != expected) {
-      g.notes.push_back("WARNING: " + policy_name + ": expected every miss to evict; stats: " +
-                        stats_summary(s));
+      g.notes.push_back("WARNING: " + policy_name +
+                        ": expected every miss to evict; stats: " + stats_summary(s));
     }
     if (s.prefetch_issued != issued_before) {
       g.notes.push_back("WARNING: " + policy_name +
-                        ": predicting resident experts queued copies; stats: " +
-                        stats_summary(s));
+                        ": predicting resident experts queued copies; stats: " + stats_summary(s));
     }
     cache.close();
   }
@@ -934,8 +943,8 @@ Group bench_cpu_copy(bool quick) {
     check_slots(1, dsts, "prefetch x" + std::to_string(streams));
     cache.reset_stats();
 
-    const std::string label = "prefetch, " + std::to_string(streams) +
-                              (streams == 1 ? " stream" : " streams");
+    const std::string label =
+        "prefetch, " + std::to_string(streams) + (streams == 1 ? " stream" : " streams");
     Row& prefetch = g.row(label, "GB/s");
     Row& ratio = g.row(label + " / memcpy", "x", Target::at_least(0.8));
     for (int rep = 0; rep < reps; ++rep) {
@@ -1019,15 +1028,15 @@ Group bench_cuda_h2d(const Env& env) {
     run_prefetch(1, &ptrs);
     for (int e : {0, experts / 2, experts - 1}) {
       if (!slot_holds(backend, *pool, ptrs[e], layout.key(1, e))) {
-        g.notes.push_back("WARNING: prefetch x" + std::to_string(streams) + ": the slot of expert " +
-                          std::to_string(e) + " does not hold its bytes");
+        g.notes.push_back("WARNING: prefetch x" + std::to_string(streams) +
+                          ": the slot of expert " + std::to_string(e) + " does not hold its bytes");
         break;
       }
     }
     cache.reset_stats();
 
-    const std::string label = "prefetch, " + std::to_string(streams) +
-                              (streams == 1 ? " stream" : " streams");
+    const std::string label =
+        "prefetch, " + std::to_string(streams) + (streams == 1 ? " stream" : " streams");
     Row& prefetch = g.row(label, "GB/s");
     Row& ratio = g.row(label + " / cudaMemcpy", "x", Target::at_least(0.9));
     for (int rep = 0; rep < reps; ++rep) {
@@ -1140,8 +1149,7 @@ Group run_group(const std::string& name, const std::string& description,
   }
 }
 
-Group skipped(const std::string& name, const std::string& description,
-              const std::string& reason) {
+Group skipped(const std::string& name, const std::string& description, const std::string& reason) {
   Group g;
   g.name = name;
   g.description = description;
@@ -1235,8 +1243,7 @@ int main(int argc, char** argv) {
   }
   std::printf("\nwrote %s\n", options.out.c_str());
 
-  bool any_error = std::any_of(groups.begin(), groups.end(), [](const Group& g) {
-    return g.status.rfind("error", 0) == 0;
-  });
+  bool any_error = std::any_of(groups.begin(), groups.end(),
+                               [](const Group& g) { return g.status.rfind("error", 0) == 0; });
   return any_error ? 1 : 0;
 }

@@ -1,8 +1,9 @@
+#include "expertflow/backend.h"
+
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include "bindings.h"
-#include "expertflow/backend.h"
 #include "expertflow/error.h"
 
 namespace py = pybind11;
@@ -33,8 +34,8 @@ void register_backend(py::module_& m) {
           py::dict(py::arg("built") = b.built, py::arg("usable") = b.usable,
                    py::arg("reason") = b.reason, py::arg("device_count") = b.device_count);
     }
-    return py::dict(py::arg("version") = info.version,
-                    py::arg("cuda_runtime") = info.cuda_runtime, py::arg("backends") = backends);
+    return py::dict(py::arg("version") = info.version, py::arg("cuda_runtime") = info.cuda_runtime,
+                    py::arg("backends") = backends);
   });
 }
 

@@ -44,7 +44,8 @@ py::dict stats_dict(const CacheStats& s) {
 
 std::vector<std::uintptr_t> addresses(const std::vector<void*>& pointers) {
   std::vector<std::uintptr_t> out(pointers.size());
-  for (std::size_t i = 0; i < pointers.size(); ++i) out[i] = reinterpret_cast<std::uintptr_t>(pointers[i]);
+  for (std::size_t i = 0; i < pointers.size(); ++i)
+    out[i] = reinterpret_cast<std::uintptr_t>(pointers[i]);
   return out;
 }
 
@@ -62,17 +63,19 @@ void register_cache(py::module_& m) {
              options.lfu_decay_period = lfu_decay_period;
              options.static_keys = std::move(static_keys);
              options.future = std::move(future);
-             return std::make_unique<ExpertCache>(std::move(pool), num_slots, options, prefetch_streams);
+             return std::make_unique<ExpertCache>(std::move(pool), num_slots, options,
+                                                  prefetch_streams);
            }),
            py::arg("pool"), py::arg("num_slots"), py::arg("policy") = "lru",
            py::arg("prefetch_streams") = 1, py::arg("lfu_decay") = 1.0,
            py::arg("lfu_decay_period") = 0, py::arg("static_keys") = std::vector<int>{},
            py::arg("future") = std::vector<std::vector<int>>{})
-      .def("acquire",
-           [](ExpertCache& c, int layer, const std::vector<int>& experts, std::uintptr_t stream) {
-             return addresses(c.acquire(layer, experts, stream));
-           },
-           py::arg("layer"), py::arg("experts"), py::arg("stream") = 0, Release())
+      .def(
+          "acquire",
+          [](ExpertCache& c, int layer, const std::vector<int>& experts, std::uintptr_t stream) {
+            return addresses(c.acquire(layer, experts, stream));
+          },
+          py::arg("layer"), py::arg("experts"), py::arg("stream") = 0, Release())
       .def("prefetch", &ExpertCache::prefetch, py::arg("layer"), py::arg("experts"),
            py::arg("scores") = std::vector<float>{}, Release())
       .def("predict", &ExpertCache::predict, py::arg("layer"), py::arg("experts"),
@@ -81,9 +84,12 @@ void register_cache(py::module_& m) {
            py::arg("stream") = 0, Release())
       .def("stats", [](const ExpertCache& c) { return stats_dict(c.stats()); })
       .def("reset_stats", &ExpertCache::reset_stats)
-      .def("slot_address",
-           [](const ExpertCache& c, int slot) { return reinterpret_cast<std::uintptr_t>(c.slot_address(slot)); },
-           py::arg("slot"))
+      .def(
+          "slot_address",
+          [](const ExpertCache& c, int slot) {
+            return reinterpret_cast<std::uintptr_t>(c.slot_address(slot));
+          },
+          py::arg("slot"))
       .def("resident", &ExpertCache::resident, py::arg("layer"), py::arg("expert"))
       .def("pending_prefetches", &ExpertCache::pending_prefetches)
       .def("close", &ExpertCache::close, Release())

@@ -37,8 +37,8 @@ inline void fill_pattern(ef::HostPool& pool) {
 
 inline std::shared_ptr<ef::HostPool> make_pool(const ef::ExpertLayout& layout,
                                                ef::LinkModel link = {}) {
-  auto pool = std::make_shared<ef::HostPool>(ef::make_backend(ef::DeviceKind::kCpu, 0, link),
-                                             layout);
+  auto pool =
+      std::make_shared<ef::HostPool>(ef::make_backend(ef::DeviceKind::kCpu, 0, link), layout);
   fill_pattern(*pool);
   return pool;
 }

@@ -46,7 +46,8 @@ inline void fail(const char* file, int line, const std::string& message) {
 template <typename T, typename = void>
 struct Printable : std::false_type {};
 template <typename T>
-struct Printable<T, std::void_t<decltype(std::declval<std::ostream&>() << std::declval<const T&>())>>
+struct Printable<T,
+                 std::void_t<decltype(std::declval<std::ostream&>() << std::declval<const T&>())>>
     : std::true_type {};
 template <typename T>
 std::string show(const T& value) {
@@ -82,53 +83,53 @@ inline int run_all(int argc, char** argv) {
 
 }  // namespace ef_test
 
-#define TEST(name)                                                           \
-  static void ef_test_##name();                                              \
+#define TEST(name)                                                                 \
+  static void ef_test_##name();                                                    \
   static const ::ef_test::Register ef_test_register_##name(#name, ef_test_##name); \
   static void ef_test_##name()
 
 #define EXPECT_TRUE(cond) \
   ((cond) ? (void)0 : ::ef_test::fail(__FILE__, __LINE__, "expected true: " #cond))
 
-#define ASSERT_TRUE(cond)                                                  \
-  do {                                                                     \
-    if (!(cond)) {                                                         \
-      ::ef_test::fail(__FILE__, __LINE__, "assertion failed: " #cond);     \
-      return;                                                              \
-    }                                                                      \
+#define ASSERT_TRUE(cond)                                              \
+  do {                                                                 \
+    if (!(cond)) {                                                     \
+      ::ef_test::fail(__FILE__, __LINE__, "assertion failed: " #cond); \
+      return;                                                          \
+    }                                                                  \
   } while (0)
 
-#define EXPECT_EQ(a, b)                                                               \
-  do {                                                                                \
-    const auto& ef_a_ = (a);                                                          \
-    const auto& ef_b_ = (b);                                                          \
-    if (!(ef_a_ == ef_b_))                                                            \
-      ::ef_test::fail(__FILE__, __LINE__,                                             \
-                      "expected " #a " == " #b ", got " + ::ef_test::show(ef_a_) +    \
-                          " vs " + ::ef_test::show(ef_b_));                           \
+#define EXPECT_EQ(a, b)                                                                     \
+  do {                                                                                      \
+    const auto& ef_a_ = (a);                                                                \
+    const auto& ef_b_ = (b);                                                                \
+    if (!(ef_a_ == ef_b_))                                                                  \
+      ::ef_test::fail(__FILE__, __LINE__,                                                   \
+                      "expected " #a " == " #b ", got " + ::ef_test::show(ef_a_) + " vs " + \
+                          ::ef_test::show(ef_b_));                                          \
   } while (0)
 
 // Expects `stmt` to throw `Type`; when `substr` is non-empty, the message must contain it.
-#define EXPECT_THROW_MSG(stmt, Type, substr)                                               \
-  do {                                                                                     \
-    try {                                                                                  \
-      stmt;                                                                                \
-      ::ef_test::fail(__FILE__, __LINE__, "expected " #Type " from: " #stmt);              \
-    } catch (const Type& ef_e_) {                                                          \
-      if (std::string(ef_e_.what()).find(substr) == std::string::npos)                     \
-        ::ef_test::fail(__FILE__, __LINE__,                                                \
-                        std::string("message lacks \"") + (substr) + "\": " + ef_e_.what()); \
-    } catch (const std::exception& ef_e_) {                                                \
-      ::ef_test::fail(__FILE__, __LINE__,                                                  \
+#define EXPECT_THROW_MSG(stmt, Type, substr)                                                    \
+  do {                                                                                          \
+    try {                                                                                       \
+      stmt;                                                                                     \
+      ::ef_test::fail(__FILE__, __LINE__, "expected " #Type " from: " #stmt);                   \
+    } catch (const Type& ef_e_) {                                                               \
+      if (std::string(ef_e_.what()).find(substr) == std::string::npos)                          \
+        ::ef_test::fail(__FILE__, __LINE__,                                                     \
+                        std::string("message lacks \"") + (substr) + "\": " + ef_e_.what());    \
+    } catch (const std::exception& ef_e_) {                                                     \
+      ::ef_test::fail(__FILE__, __LINE__,                                                       \
                       "expected " #Type " from: " #stmt ", got: " + std::string(ef_e_.what())); \
-    }                                                                                      \
+    }                                                                                           \
   } while (0)
 #define EXPECT_THROW(stmt, Type) EXPECT_THROW_MSG(stmt, Type, "")
 
-#define EF_SKIP_ALL(reason)                                 \
-  do {                                                      \
+#define EF_SKIP_ALL(reason)                                             \
+  do {                                                                  \
     std::fprintf(stderr, "SKIPPED: %s\n", std::string(reason).c_str()); \
-    std::exit(77);                                          \
+    std::exit(77);                                                      \
   } while (0)
 
 #define EF_TEST_MAIN() \

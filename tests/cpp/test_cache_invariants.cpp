@@ -20,8 +20,8 @@
 namespace ef = expertflow;
 using ef_fixture::holds;
 using ef_fixture::make_pool;
-using ef_fixture::residency;
 using ef_fixture::policy;
+using ef_fixture::residency;
 using ef_fixture::use;
 using ef_fixture::wait_until;
 
@@ -29,12 +29,11 @@ namespace {
 
 constexpr std::size_t kBlob = 2048;
 
-
 // The counters a rejected call must leave alone.
 std::vector<std::uint64_t> counters(const ef::CacheStats& s) {
-  return {s.acquires,        s.hits,          s.prefetch_hits,   s.misses,
-          s.evictions,       s.prefetch_issued, s.prefetch_used, s.prefetch_wasted,
-          s.prefetch_dropped, s.bytes_demand,  s.bytes_prefetch};
+  return {s.acquires,        s.hits,          s.prefetch_hits,   s.misses,           s.evictions,
+          s.prefetch_issued, s.prefetch_used, s.prefetch_wasted, s.prefetch_dropped, s.bytes_demand,
+          s.bytes_prefetch};
 }
 
 std::string lower(std::string s) {
@@ -371,8 +370,7 @@ TEST(prefetch_wasted) {
 // thread's acquire of it is still copying. Slow copies (50 ms each) make the overlap
 // likely: A acquires {k0, k1} and copies k0 first; meanwhile B acquires {k1}.
 TEST(concurrent_acquires_each_counted_once) {
-  ef::ExpertCache cache(make_pool(1, 4, kBlob, ef::LinkModel{100.0, 50000.0}), 3,
-                        policy("lru"));
+  ef::ExpertCache cache(make_pool(1, 4, kBlob, ef::LinkModel{100.0, 50000.0}), 3, policy("lru"));
   std::atomic<int> wrong{0};
   std::thread a([&] { wrong += use(cache, 0, {0, 1}); });
   std::this_thread::sleep_for(std::chrono::milliseconds(20));

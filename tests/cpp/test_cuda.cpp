@@ -32,7 +32,6 @@ std::string cuda_unusable_reason() {
 
 namespace {
 
-
 constexpr std::size_t kBlob = 64 * 1024 + 300;
 
 struct Stream {
@@ -123,8 +122,8 @@ TEST(cuda_registered_pool) {
   auto* base = static_cast<std::byte*>(std::aligned_alloc(4096, bytes));
   ASSERT_TRUE(base != nullptr);
   {
-    auto pool = std::make_shared<ef::HostPool>(ef::make_backend(ef::DeviceKind::kCuda, 0),
-                                               layout, base, bytes);
+    auto pool = std::make_shared<ef::HostPool>(ef::make_backend(ef::DeviceKind::kCuda, 0), layout,
+                                               base, bytes);
     EXPECT_TRUE(!pool->owns_memory());
     ef_fixture::fill_pattern(*pool);
     Stream stream;

@@ -147,7 +147,8 @@ TEST(host_pool_wrap_rejects_bad_memory) {
   ef::ExpertLayout layout(2, 4, 1000);
   auto backend = ef::make_backend(ef::DeviceKind::kCpu);
   AlignedBuffer buffer(layout.total_bytes() + 4096);
-  EXPECT_THROW((void)ef::HostPool(backend, layout, nullptr, layout.total_bytes()), ef::InvalidArgument);
+  EXPECT_THROW((void)ef::HostPool(backend, layout, nullptr, layout.total_bytes()),
+               ef::InvalidArgument);
   EXPECT_THROW((void)ef::HostPool(backend, layout, buffer.data + 64, layout.total_bytes()),
                ef::InvalidArgument);
   EXPECT_THROW((void)ef::HostPool(backend, layout, buffer.data + 1, layout.total_bytes()),

@@ -18,14 +18,13 @@
 
 namespace ef = expertflow;
 using ef_fixture::make_pool;
-using ef_fixture::residency;
 using ef_fixture::policy;
+using ef_fixture::residency;
 using ef_fixture::use;
 
 namespace {
 
 constexpr std::size_t kBlob = 1000;
-
 
 }  // namespace
 
@@ -45,19 +44,19 @@ TEST(lru) {
   // 2 layers x 4 experts, 3 slots.
   ef::ExpertCache cache(make_pool(2, 4, kBlob), 3, policy("lru"));
   EXPECT_EQ(cache.policy_name(), std::string("lru"));
-  EXPECT_EQ(use(cache, 0, {0}), 0);     // t1 k0 miss -> s0
-  EXPECT_EQ(use(cache, 0, {1}), 0);     // t2 k1 miss -> s1
-  EXPECT_EQ(use(cache, 1, {0}), 0);     // t3 k4 miss -> s2
-  EXPECT_EQ(use(cache, 0, {0}), 0);     // t4 k0 hit: s0=k0@4 s1=k1@2 s2=k4@3
-  EXPECT_EQ(use(cache, 1, {1}), 0);     // t5 k5 miss, victim k1 (@2) -> s1
+  EXPECT_EQ(use(cache, 0, {0}), 0);  // t1 k0 miss -> s0
+  EXPECT_EQ(use(cache, 0, {1}), 0);  // t2 k1 miss -> s1
+  EXPECT_EQ(use(cache, 1, {0}), 0);  // t3 k4 miss -> s2
+  EXPECT_EQ(use(cache, 0, {0}), 0);  // t4 k0 hit: s0=k0@4 s1=k1@2 s2=k4@3
+  EXPECT_EQ(use(cache, 1, {1}), 0);  // t5 k5 miss, victim k1 (@2) -> s1
   EXPECT_EQ(residency(cache), "10001100");
-  EXPECT_EQ(use(cache, 0, {1}), 0);     // t6 k1 miss, victim k4 (@3) -> s2
+  EXPECT_EQ(use(cache, 0, {1}), 0);  // t6 k1 miss, victim k4 (@3) -> s2
   EXPECT_EQ(residency(cache), "11000100");
   // t7: k0 is the least recently used (@4) but is a hit of this very call, so it is
   // pinned: k2's victim is the next one, k5 (@5) -> s1.
   EXPECT_EQ(use(cache, 0, {0, 2}), 0);
   EXPECT_EQ(residency(cache), "11100000");
-  EXPECT_EQ(use(cache, 1, {2}), 0);     // t8 k6 miss, victim k1 (@6) -> s2
+  EXPECT_EQ(use(cache, 1, {2}), 0);  // t8 k6 miss, victim k1 (@6) -> s2
   EXPECT_EQ(residency(cache), "10100010");
 
   ef::CacheStats s = cache.stats();
@@ -154,11 +153,11 @@ TEST(static_set) {
   cache.release(0, {2}, 0);
   EXPECT_EQ(residency(cache), "100000");  // dropped on release
 
-  EXPECT_EQ(use(cache, 0, {1}), 0);     // k1 miss, stays
-  EXPECT_EQ(use(cache, 0, {3}), 0);     // k3 miss, dropped
+  EXPECT_EQ(use(cache, 0, {1}), 0);  // k1 miss, stays
+  EXPECT_EQ(use(cache, 0, {3}), 0);  // k3 miss, dropped
   EXPECT_EQ(residency(cache), "110000");
-  EXPECT_EQ(use(cache, 0, {0, 1}), 0);  // 2 hits
-  EXPECT_EQ(use(cache, 0, {0, 3}), 0);  // k0 hit, k3 miss (it was dropped)
+  EXPECT_EQ(use(cache, 0, {0, 1}), 0);                           // 2 hits
+  EXPECT_EQ(use(cache, 0, {0, 3}), 0);                           // k0 hit, k3 miss (it was dropped)
   for (int e = 2; e < 6; ++e) EXPECT_EQ(use(cache, 0, {e}), 0);  // 4 misses
   EXPECT_EQ(residency(cache), "110000");
   EXPECT_EQ(use(cache, 0, {1}), 0);  // hit
@@ -174,7 +173,7 @@ TEST(static_waits_for_streaming_slot) {
   ef::PolicyOptions options = policy("static");
   options.static_keys = {0, 1};
   ef::ExpertCache cache(make_pool(1, 6, kBlob), 3, options);
-  EXPECT_EQ(use(cache, 0, {0, 1}), 0);     // the static set is loaded
+  EXPECT_EQ(use(cache, 0, {0, 1}), 0);                 // the static set is loaded
   std::vector<void*> held = cache.acquire(0, {2}, 0);  // the one streaming slot
   std::atomic<int> result{-1};
   std::thread other([&] {

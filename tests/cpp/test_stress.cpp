@@ -38,8 +38,8 @@ class Watchdog {
       : thread_([this, what, limit] {
           std::unique_lock<std::mutex> lock(mutex_);
           if (!cv_.wait_for(lock, limit, [this] { return done_; })) {
-            std::fprintf(stderr, "FAILED: %s still running after %llds: deadlock?\n",
-                         what.c_str(), static_cast<long long>(limit.count()));
+            std::fprintf(stderr, "FAILED: %s still running after %llds: deadlock?\n", what.c_str(),
+                         static_cast<long long>(limit.count()));
             std::_Exit(1);
           }
         }) {}
@@ -105,8 +105,7 @@ void stress(const ef::PolicyOptions& options, int max_per_acquire) {
           std::vector<int> rest(experts.begin() + 1, experts.end());
           cache.release(layer, rest, 0);
           // The still-pinned expert keeps its bytes while others come and go.
-          if (std::memcmp(addrs[0], pool->blob(layer * kExperts + experts[0]), kBlob) != 0)
-            ++wrong;
+          if (std::memcmp(addrs[0], pool->blob(layer * kExperts + experts[0]), kBlob) != 0) ++wrong;
           cache.release(layer, first, 0);
         } else {
           cache.release(layer, experts, 0);
@@ -149,17 +148,16 @@ void stress(const ef::PolicyOptions& options, int max_per_acquire) {
   EXPECT_TRUE(s.prefetch_late <= s.prefetch_used);
   EXPECT_TRUE(s.bytes_prefetch >=
               (s.prefetch_issued - s.prefetch_cancelled - s.prefetch_late) * kBlob);
-  std::fprintf(stderr,
-               "  %s: %llu experts, %llu hits (%llu prefetched), %llu misses, %llu evictions, "
-               "%llu prefetches (%llu wasted, %llu dropped)\n",
-               options.name.c_str(), static_cast<unsigned long long>(acquired.load()),
-               static_cast<unsigned long long>(s.hits),
-               static_cast<unsigned long long>(s.prefetch_hits),
-               static_cast<unsigned long long>(s.misses),
-               static_cast<unsigned long long>(s.evictions),
-               static_cast<unsigned long long>(s.prefetch_issued),
-               static_cast<unsigned long long>(s.prefetch_wasted),
-               static_cast<unsigned long long>(s.prefetch_dropped));
+  std::fprintf(
+      stderr,
+      "  %s: %llu experts, %llu hits (%llu prefetched), %llu misses, %llu evictions, "
+      "%llu prefetches (%llu wasted, %llu dropped)\n",
+      options.name.c_str(), static_cast<unsigned long long>(acquired.load()),
+      static_cast<unsigned long long>(s.hits), static_cast<unsigned long long>(s.prefetch_hits),
+      static_cast<unsigned long long>(s.misses), static_cast<unsigned long long>(s.evictions),
+      static_cast<unsigned long long>(s.prefetch_issued),
+      static_cast<unsigned long long>(s.prefetch_wasted),
+      static_cast<unsigned long long>(s.prefetch_dropped));
 }
 
 }  // namespace

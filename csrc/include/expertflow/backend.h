@@ -83,10 +83,10 @@ std::shared_ptr<Backend> make_backend(DeviceKind kind, int device = 0, LinkModel
 
 // What this build contains and what works on this machine now.
 struct BackendInfo {
-  std::string name;    // "cpu", "cuda"
-  bool built = false;  // compiled into this build
-  bool usable = false; // built, and a device is present now
-  std::string reason;  // why not usable, empty when usable
+  std::string name;     // "cpu", "cuda"
+  bool built = false;   // compiled into this build
+  bool usable = false;  // built, and a device is present now
+  std::string reason;   // why not usable, empty when usable
   int device_count = 0;
 };
 struct BuildInfo {

@@ -66,7 +66,7 @@ void warn(const std::string& message) noexcept;
   ::expertflow::detail::raise<::expertflow::ErrorType>(__FILE__, __LINE__, __VA_ARGS__)
 
 // Throws InvalidArgument with the message when cond is false.
-#define EF_CHECK(cond, ...)                      \
-  do {                                           \
+#define EF_CHECK(cond, ...)                              \
+  do {                                                   \
     if (!(cond)) EF_THROW(InvalidArgument, __VA_ARGS__); \
   } while (0)

@@ -88,10 +88,10 @@ class EvictionPolicy {
 };
 
 struct PolicyOptions {
-  std::string name = "lru";  // lru | lfu | static | expertflow | belady
-  double lfu_decay = 1.0;    // lfu: multiply counts by this...
-  std::uint64_t lfu_decay_period = 0;  // ...every this many accesses (0: never)
-  std::vector<int> static_keys;        // static: the keys kept resident
+  std::string name = "lru";              // lru | lfu | static | expertflow | belady
+  double lfu_decay = 1.0;                // lfu: multiply counts by this...
+  std::uint64_t lfu_decay_period = 0;    // ...every this many accesses (0: never)
+  std::vector<int> static_keys;          // static: the keys kept resident
   std::vector<std::vector<int>> future;  // belady: the keys of every acquire, in order
 };
 

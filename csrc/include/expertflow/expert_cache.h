@@ -43,17 +43,17 @@ namespace expertflow {
 
 // Counters, per layer and in total (CacheStats). An expert's counters go to its layer.
 struct LayerStats {
-  std::uint64_t hits = 0;            // in the cache when acquired (copied, or copy under way)
-  std::uint64_t prefetch_hits = 0;   // of those, brought in by a prefetch (= prefetch_used)
-  std::uint64_t misses = 0;          // not in the cache: copied on demand
-  std::uint64_t evictions = 0;       // resident experts overwritten
+  std::uint64_t hits = 0;                // in the cache when acquired (copied, or copy under way)
+  std::uint64_t prefetch_hits = 0;       // of those, brought in by a prefetch (= prefetch_used)
+  std::uint64_t misses = 0;              // not in the cache: copied on demand
+  std::uint64_t evictions = 0;           // resident experts overwritten
   std::uint64_t prefetch_issued = 0;     // prefetch copies queued
   std::uint64_t prefetch_used = 0;       // prefetched experts acquired before eviction
   std::uint64_t prefetch_late = 0;       // of those, acquired before their copy started
   std::uint64_t prefetch_wasted = 0;     // prefetched experts evicted or cancelled unused
   std::uint64_t prefetch_cancelled = 0;  // of those, removed from the queue before starting
   std::uint64_t prefetch_dropped = 0;    // predictions not prefetched: no candidate slot
-  std::uint64_t predicted = 0;       // predictions scored when their layer ran: precision =
+  std::uint64_t predicted = 0;           // predictions scored when their layer ran: precision =
   std::uint64_t predicted_used = 0;  // predicted_used / predicted, recall = it / (hits + misses)
   std::uint64_t bytes_demand = 0;
   std::uint64_t bytes_prefetch = 0;
@@ -149,7 +149,7 @@ class ExpertCache {
   void on_prefetch_complete(int slot, std::uint64_t generation, const std::string& error);
   // Adds n to a counter of `layer` and to the total.
   template <typename T>
-  void count(int layer, T LayerStats::*counter, T n = 1) {
+  void count(int layer, T LayerStats::* counter, T n = 1) {
     stats_.*counter += n;
     stats_.layers[layer].*counter += n;
   }
@@ -168,10 +168,10 @@ class ExpertCache {
   std::condition_variable issued_cv_;  // a slot's copy was issued or failed
   std::condition_variable slot_cv_;    // a slot became evictable
   std::vector<Slot> slots_;
-  std::vector<SlotView> views_;      // what the policy sees, kept in step with slots_
-  std::vector<int> slot_of_;         // per key: its slot, or -1
-  std::vector<float> confidence_;    // per key: prediction, or -1
-  int never_evicted_ = 0;  // keys the policy never evicts (a static set)
+  std::vector<SlotView> views_;    // what the policy sees, kept in step with slots_
+  std::vector<int> slot_of_;       // per key: its slot, or -1
+  std::vector<float> confidence_;  // per key: prediction, or -1
+  int never_evicted_ = 0;          // keys the policy never evicts (a static set)
   int current_layer_ = -1;
   std::uint64_t tick_ = 0;
   bool closed_ = false;

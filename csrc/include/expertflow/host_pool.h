@@ -54,8 +54,7 @@ class HostPool {
   // Uses `bytes` at `base`, which already hold the blobs at the layout's offsets, and
   // page-locks them. base must be non-null and 256-byte aligned; the caller keeps the
   // memory alive for the pool's lifetime.
-  HostPool(std::shared_ptr<Backend> backend, ExpertLayout layout, void* base,
-           std::size_t bytes);
+  HostPool(std::shared_ptr<Backend> backend, ExpertLayout layout, void* base, std::size_t bytes);
   ~HostPool();
   HostPool(const HostPool&) = delete;
   HostPool& operator=(const HostPool&) = delete;

@@ -41,8 +41,8 @@ class TransitionPredictor {
   int num_layers_;
   int experts_;
   double request_weight_;
-  std::vector<std::uint32_t> transitions_;  // [layer][from][to], layer -> layer + 1
-  std::vector<std::uint32_t> row_totals_;   // [layer][from]
+  std::vector<std::uint32_t> transitions_;    // [layer][from][to], layer -> layer + 1
+  std::vector<std::uint32_t> row_totals_;     // [layer][from]
   std::vector<std::uint32_t> request_uses_;   // [layer][expert]
   std::vector<std::uint32_t> request_steps_;  // [layer]
   std::vector<std::vector<int>> last_;        // [layer]: the experts last observed

@@ -1,5 +1,5 @@
-#include "expertflow/error.h"
 #include "common/backends.h"
+#include "expertflow/error.h"
 
 namespace expertflow {
 
@@ -8,8 +8,9 @@ std::shared_ptr<Backend> make_backend(DeviceKind kind, int device, LinkModel lin
     EF_CHECK(device == 0, "the CPU backend has one device, 0; got device ", device);
     return make_cpu_backend(link);
   }
-  EF_CHECK(link.gbps == 0.0 && link.latency_us == 0.0,
-           "a link model emulates a link on the CPU backend only; the CUDA backend uses the real one");
+  EF_CHECK(
+      link.gbps == 0.0 && link.latency_us == 0.0,
+      "a link model emulates a link on the CPU backend only; the CUDA backend uses the real one");
 #ifdef EXPERTFLOW_WITH_CUDA
   return make_cuda_backend(device);
 #else

@@ -133,8 +133,8 @@ class BeladyPolicy final : public EvictionPolicy {
     return argmin_candidate(query, [&](int slot) {
       int key = query.slots[slot].key;
       const std::vector<std::size_t>& uses = uses_[key];
-      std::size_t next = next_[key] < uses.size() ? uses[next_[key]]
-                                                  : std::numeric_limits<std::size_t>::max();
+      std::size_t next =
+          next_[key] < uses.size() ? uses[next_[key]] : std::numeric_limits<std::size_t>::max();
       return std::numeric_limits<std::size_t>::max() - next;  // farthest next use first
     });
   }
@@ -151,7 +151,8 @@ class BeladyPolicy final : public EvictionPolicy {
 std::unique_ptr<EvictionPolicy> make_policy(const PolicyOptions& options) {
   const std::string& name = options.name;
   if (name == "lru") return std::make_unique<LruPolicy>();
-  if (name == "lfu") return std::make_unique<LfuPolicy>(options.lfu_decay, options.lfu_decay_period);
+  if (name == "lfu")
+    return std::make_unique<LfuPolicy>(options.lfu_decay, options.lfu_decay_period);
   if (name == "static") return std::make_unique<StaticPolicy>(options.static_keys);
   if (name == "expertflow") return std::make_unique<ExpertflowPolicy>();
   if (name == "belady") return std::make_unique<BeladyPolicy>(options.future);

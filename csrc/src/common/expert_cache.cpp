@@ -25,8 +25,8 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
 
 }  // namespace
 
-ExpertCache::ExpertCache(std::shared_ptr<HostPool> pool, int num_slots,
-                         const PolicyOptions& policy, int prefetch_streams)
+ExpertCache::ExpertCache(std::shared_ptr<HostPool> pool, int num_slots, const PolicyOptions& policy,
+                         int prefetch_streams)
     : pool_(require(std::move(pool))),
       backend_(pool_->backend_ptr()),
       layout_(pool_->layout()),
@@ -271,8 +271,8 @@ std::vector<void*> ExpertCache::acquire(int layer, const std::vector<int>& exper
       if (was_resident[i]) continue;
       int victim = take_victim(query);
       if (victim < 0) {
-        EF_THROW(InvalidArgument, "policy ", policy_name_, " has no slot for expert ",
-                 experts[i], " at layer ", layer, " (", num_slots_, " slots)");
+        EF_THROW(InvalidArgument, "policy ", policy_name_, " has no slot for expert ", experts[i],
+                 " at layer ", layer, " (", num_slots_, " slots)");
       }
       slots[i] = victim;
       victims.push_back(victim);
@@ -415,8 +415,8 @@ void ExpertCache::release(int layer, const std::vector<int>& experts, StreamHand
 std::vector<int> ExpertCache::prediction_keys(int layer, const std::vector<int>& experts,
                                               const std::vector<float>& scores) const {
   std::vector<int> keys = keys_of(layer, experts);
-  EF_CHECK(scores.empty() || scores.size() == experts.size(), "got ", scores.size(),
-           " scores for ", experts.size(), " experts");
+  EF_CHECK(scores.empty() || scores.size() == experts.size(), "got ", scores.size(), " scores for ",
+           experts.size(), " experts");
   for (std::size_t i = 0; i < scores.size(); ++i) {
     EF_CHECK(std::isfinite(scores[i]) && scores[i] >= 0.0f, "score ", scores[i], " for expert ",
              experts[i], " at layer ", layer, " must be a finite number >= 0");
@@ -424,7 +424,8 @@ std::vector<int> ExpertCache::prediction_keys(int layer, const std::vector<int>&
   return keys;
 }
 
-void ExpertCache::record_predictions(const std::vector<int>& keys, const std::vector<float>& scores) {
+void ExpertCache::record_predictions(const std::vector<int>& keys,
+                                     const std::vector<float>& scores) {
   for (std::size_t i = 0; i < keys.size(); ++i) {
     confidence_[keys[i]] = scores.empty() ? 1.0f : scores[i];
   }
@@ -476,13 +477,12 @@ void ExpertCache::prefetch(int layer, const std::vector<int>& experts,
   for (Job& job : jobs) {
     int slot = job.slot;
     std::uint64_t generation = job.generation;
-    TransferEngine::Callbacks callbacks{
-        [this, slot, generation](const std::string& error) {
-          on_prefetch_issued(slot, generation, error);
-        },
-        [this, slot, generation](const std::string& error) {
-          on_prefetch_complete(slot, generation, error);
-        }};
+    TransferEngine::Callbacks callbacks{[this, slot, generation](const std::string& error) {
+                                          on_prefetch_issued(slot, generation, error);
+                                        },
+                                        [this, slot, generation](const std::string& error) {
+                                          on_prefetch_complete(slot, generation, error);
+                                        }};
     tickets.push_back(engine_.prefetch(std::move(job.request), std::move(callbacks)));
   }
   Lock lock(mutex_);
@@ -539,9 +539,8 @@ void ExpertCache::reset_stats() {
 
 int ExpertCache::pending_prefetches() const {
   Lock lock(mutex_);
-  return static_cast<int>(std::count_if(slots_.begin(), slots_.end(), [](const Slot& s) {
-    return s.loading && s.prefetched;
-  }));
+  return static_cast<int>(std::count_if(slots_.begin(), slots_.end(),
+                                        [](const Slot& s) { return s.loading && s.prefetched; }));
 }
 
 bool ExpertCache::resident(int layer, int expert) const {

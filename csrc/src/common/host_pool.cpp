@@ -16,20 +16,20 @@ std::size_t align_up(std::size_t n, std::size_t alignment) {
 }  // namespace
 
 ExpertLayout::ExpertLayout(int num_layers, int experts_per_layer, std::size_t expert_bytes)
-    : ExpertLayout(num_layers, experts_per_layer,
-                   std::vector<std::size_t>(
-                       num_layers > 0 && experts_per_layer > 0
-                           ? static_cast<std::size_t>(num_layers) * experts_per_layer
-                           : 0,
-                       expert_bytes)) {}
+    : ExpertLayout(
+          num_layers, experts_per_layer,
+          std::vector<std::size_t>(num_layers > 0 && experts_per_layer > 0
+                                       ? static_cast<std::size_t>(num_layers) * experts_per_layer
+                                       : 0,
+                                   expert_bytes)) {}
 
 ExpertLayout::ExpertLayout(int num_layers, int experts_per_layer, std::vector<std::size_t> sizes)
     : num_layers_(num_layers), experts_per_layer_(experts_per_layer), sizes_(std::move(sizes)) {
   EF_CHECK(num_layers > 0, "num_layers must be positive, got ", num_layers);
   EF_CHECK(experts_per_layer > 0, "experts_per_layer must be positive, got ", experts_per_layer);
-  EF_CHECK(sizes_.size() == static_cast<std::size_t>(num_layers) * experts_per_layer,
-           "expected ", num_layers * experts_per_layer, " expert sizes (", num_layers,
-           " layers x ", experts_per_layer, " experts), got ", sizes_.size());
+  EF_CHECK(sizes_.size() == static_cast<std::size_t>(num_layers) * experts_per_layer, "expected ",
+           num_layers * experts_per_layer, " expert sizes (", num_layers, " layers x ",
+           experts_per_layer, " experts), got ", sizes_.size());
   offsets_.reserve(sizes_.size());
   for (std::size_t key = 0; key < sizes_.size(); ++key) {
     EF_CHECK(sizes_[key] > 0, "expert (layer ", key / experts_per_layer, ", expert ",
@@ -62,8 +62,8 @@ HostPool::HostPool(std::shared_ptr<Backend> backend, ExpertLayout layout, void* 
   EF_CHECK(backend_ != nullptr, "HostPool needs a backend, got null");
   EF_CHECK(base != nullptr, "HostPool base address is null");
   auto address = reinterpret_cast<std::uintptr_t>(base);
-  EF_CHECK(address % ExpertLayout::kAlignment == 0, "HostPool base address 0x", std::hex,
-           address, std::dec, " is not ", ExpertLayout::kAlignment, "-byte aligned");
+  EF_CHECK(address % ExpertLayout::kAlignment == 0, "HostPool base address 0x", std::hex, address,
+           std::dec, " is not ", ExpertLayout::kAlignment, "-byte aligned");
   EF_CHECK(bytes >= layout_.total_bytes(), "HostPool memory of ", bytes,
            " bytes is smaller than the layout's ", layout_.total_bytes(), " bytes");
   backend_->register_host(base, bytes);

@@ -21,7 +21,8 @@ TransitionPredictor::TransitionPredictor(int num_layers, int experts_per_layer,
 }
 
 void TransitionPredictor::check(int layer, const std::vector<int>* experts) const {
-  EF_CHECK(layer >= 0 && layer < num_layers_, "layer ", layer, " out of range [0, ", num_layers_, ")");
+  EF_CHECK(layer >= 0 && layer < num_layers_, "layer ", layer, " out of range [0, ", num_layers_,
+           ")");
   if (experts == nullptr) return;
   for (int e : *experts) {
     EF_CHECK(e >= 0 && e < experts_, "expert id ", e, " out of range [0, ", experts_, ") at layer ",
@@ -48,17 +49,20 @@ std::vector<std::pair<int, float>> TransitionPredictor::predict(int layer, int c
   std::vector<double> score(experts_, 0.0);
   if (layer > 0 && !last_[layer - 1].empty()) {
     double total = 0.0;
-    for (int from : last_[layer - 1]) total += row_totals_[static_cast<std::size_t>(layer - 1) * experts_ + from];
+    for (int from : last_[layer - 1])
+      total += row_totals_[static_cast<std::size_t>(layer - 1) * experts_ + from];
     if (total > 0.0) {
       for (int from : last_[layer - 1]) {
         const std::uint32_t* row = &transitions_[cell(layer - 1, from, 0)];
-        for (int to = 0; to < experts_; ++to) score[to] += (1.0 - request_weight_) * row[to] / total;
+        for (int to = 0; to < experts_; ++to)
+          score[to] += (1.0 - request_weight_) * row[to] / total;
       }
     }
   }
   if (request_steps_[layer] > 0) {
     const std::uint32_t* uses = &request_uses_[static_cast<std::size_t>(layer) * experts_];
-    for (int e = 0; e < experts_; ++e) score[e] += request_weight_ * uses[e] / request_steps_[layer];
+    for (int e = 0; e < experts_; ++e)
+      score[e] += request_weight_ * uses[e] / request_steps_[layer];
   }
   std::vector<std::pair<int, float>> ranked;
   for (int e = 0; e < experts_; ++e) {

@@ -7,9 +7,9 @@
 #include <mutex>
 #include <thread>
 
+#include "common/backends.h"
 #include "expertflow/backend.h"
 #include "expertflow/error.h"
-#include "common/backends.h"
 
 namespace expertflow {
 
@@ -73,7 +73,8 @@ class CpuBackend final : public Backend {
     EF_CHECK(bytes > 0, "cannot allocate 0 bytes of ", what, " memory");
     std::size_t rounded = (bytes + kPageBytes - 1) / kPageBytes * kPageBytes;
     void* ptr = std::aligned_alloc(kPageBytes, rounded);
-    if (ptr == nullptr) EF_THROW(OutOfMemory, "could not allocate ", bytes, " bytes of ", what, " memory");
+    if (ptr == nullptr)
+      EF_THROW(OutOfMemory, "could not allocate ", bytes, " bytes of ", what, " memory");
     return ptr;
   }
 

@@ -7,24 +7,24 @@
 #include "expertflow/error.h"
 
 // Throws BackendError (OutOfMemory for allocation failures) naming the call and the error.
-#define EF_CUDA_CHECK(call)                                                          \
-  do {                                                                               \
-    cudaError_t ef_status = (call);                                                  \
-    if (ef_status != cudaSuccess) {                                                  \
-      if (ef_status == cudaErrorMemoryAllocation) {                                  \
-        EF_THROW(OutOfMemory, #call, " failed: ", cudaGetErrorString(ef_status));    \
-      }                                                                              \
-      EF_THROW(BackendError, #call, " failed: ", cudaGetErrorString(ef_status));     \
-    }                                                                                \
+#define EF_CUDA_CHECK(call)                                                       \
+  do {                                                                            \
+    cudaError_t ef_status = (call);                                               \
+    if (ef_status != cudaSuccess) {                                               \
+      if (ef_status == cudaErrorMemoryAllocation) {                               \
+        EF_THROW(OutOfMemory, #call, " failed: ", cudaGetErrorString(ef_status)); \
+      }                                                                           \
+      EF_THROW(BackendError, #call, " failed: ", cudaGetErrorString(ef_status));  \
+    }                                                                             \
   } while (0)
 
 // For destructors and free paths: warns and carries on.
-#define EF_CUDA_CHECK_WARN(call)                                                     \
-  do {                                                                               \
-    cudaError_t ef_status = (call);                                                  \
-    if (ef_status != cudaSuccess) {                                                  \
+#define EF_CUDA_CHECK_WARN(call)                                                            \
+  do {                                                                                      \
+    cudaError_t ef_status = (call);                                                         \
+    if (ef_status != cudaSuccess) {                                                         \
       ::expertflow::warn(std::string(#call) + " failed: " + cudaGetErrorString(ef_status)); \
-    }                                                                                \
+    }                                                                                       \
   } while (0)
 
 namespace expertflow {
@@ -49,10 +49,11 @@ class CudaBackend final : public Backend {
   explicit CudaBackend(int device) : device_(device) {
     int count = 0;
     cudaError_t status = cudaGetDeviceCount(&count);
-    EF_CHECK(status == cudaSuccess, "CUDA requested but no CUDA device is usable: ",
-             cudaGetErrorString(status), "; use device \"cpu\"");
-    EF_CHECK(device >= 0 && device < count, "CUDA device ", device, " does not exist (",
-             count, " device(s) present)");
+    EF_CHECK(status == cudaSuccess,
+             "CUDA requested but no CUDA device is usable: ", cudaGetErrorString(status),
+             "; use device \"cpu\"");
+    EF_CHECK(device >= 0 && device < count, "CUDA device ", device, " does not exist (", count,
+             " device(s) present)");
   }
 
   DeviceKind kind() const override { return DeviceKind::kCuda; }
@@ -64,7 +65,8 @@ class CudaBackend final : public Backend {
     void* ptr = nullptr;
     cudaError_t status = cudaHostAlloc(&ptr, bytes, cudaHostAllocPortable);
     if (status != cudaSuccess) {
-      EF_THROW(OutOfMemory, "cudaHostAlloc of ", bytes, " bytes failed: ", cudaGetErrorString(status));
+      EF_THROW(OutOfMemory, "cudaHostAlloc of ", bytes,
+               " bytes failed: ", cudaGetErrorString(status));
     }
     return ptr;
   }
@@ -107,8 +109,8 @@ class CudaBackend final : public Backend {
     cudaError_t status = cudaStreamGetDevice(stream_of(stream), &device);
     EF_CHECK(status == cudaSuccess, "stream 0x", std::hex, stream, std::dec,
              " is not a valid CUDA stream: ", cudaGetErrorString(status));
-    EF_CHECK(device == device_, "stream 0x", std::hex, stream, std::dec, " belongs to cuda:",
-             device, ", not to this cache's cuda:", device_);
+    EF_CHECK(device == device_, "stream 0x", std::hex, stream, std::dec,
+             " belongs to cuda:", device, ", not to this cache's cuda:", device_);
   }
 
   std::unique_ptr<Fence> create_fence() override {
