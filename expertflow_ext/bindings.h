@@ -11,5 +11,6 @@ void register_backend(pybind11::module_& m);
 void register_pool(pybind11::module_& m);
 void register_cache(pybind11::module_& m);
 void register_predictor(pybind11::module_& m);
+void register_replay(pybind11::module_& m);
 
 }  // namespace expertflow::python

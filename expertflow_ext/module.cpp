@@ -7,4 +7,5 @@ PYBIND11_MODULE(_C, m) {
   expertflow::python::register_pool(m);
   expertflow::python::register_cache(m);
   expertflow::python::register_predictor(m);
+  expertflow::python::register_replay(m);
 }

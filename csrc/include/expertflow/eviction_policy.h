@@ -10,7 +10,7 @@
 //   lru        least recently used.
 //   lfu        least frequently used; counts are kept for evicted experts too, decay
 //              multiplies every count by `decay` each `decay_period` accesses; ties go
-//              to the least recently used.
+//              to the least recently accessed, counting accesses in the order asked.
 //   static     a fixed set (from calibration frequencies) stays once loaded; any other
 //              expert streams through a slot outside the set and is dropped on release.
 //   expertflow LRU plus prediction: unpredicted experts first, least recently used
@@ -31,7 +31,7 @@ namespace expertflow {
 struct SlotView {
   int key = -1;  // -1: empty
   int layer = -1;
-  std::uint64_t last_use = 0;  // tick of the last acquire
+  std::uint64_t last_use = 0;  // tick of its last use (acquire ticks hits, then misses)
   bool evictable = false;      // not pinned, not in flight, and the policy may evict it
 };
 

@@ -41,11 +41,15 @@ class LfuPolicy final : public EvictionPolicy {
     EF_CHECK(decay > 0.0 && decay <= 1.0, "lfu decay must be in (0, 1], got ", decay);
   }
   std::string name() const override { return "lfu"; }
-  void bind(int num_keys) override { counts_.assign(num_keys, 0.0); }
+  void bind(int num_keys) override {
+    counts_.assign(num_keys, 0.0);
+    last_access_.assign(num_keys, 0);
+  }
   void on_access(const std::vector<int>& keys, std::uint64_t) override {
     for (int key : keys) {
       counts_[key] += 1.0;
-      if (period_ > 0 && ++accesses_ % period_ == 0) {
+      last_access_[key] = ++accesses_;
+      if (period_ > 0 && accesses_ % period_ == 0) {
         for (double& count : counts_) count *= decay_;
       }
     }
@@ -53,7 +57,7 @@ class LfuPolicy final : public EvictionPolicy {
   int choose_victim(const VictimQuery& query) override {
     return argmin_candidate(query, [&](int slot) {
       const SlotView& s = query.slots[slot];
-      return std::make_pair(counts_[s.key], s.last_use);
+      return std::make_pair(counts_[s.key], last_access_[s.key]);
     });
   }
 
@@ -61,7 +65,8 @@ class LfuPolicy final : public EvictionPolicy {
   double decay_;
   std::uint64_t period_;
   std::uint64_t accesses_ = 0;
-  std::vector<double> counts_;  // per key, kept across evictions
+  std::vector<double> counts_;               // per key, kept across evictions
+  std::vector<std::uint64_t> last_access_;  // per key: its last access, in the order asked
 };
 
 class StaticPolicy final : public EvictionPolicy {

@@ -278,7 +278,7 @@ std::vector<void*> ExpertCache::acquire(int layer, const std::vector<int>& exper
       victims.push_back(victim);
       views_[victim].evictable = false;
     }
-    policy_->on_access(keys, tick_ + 1);
+    policy_->on_access(keys, tick_ + n);
   } catch (...) {
     for (int victim : victims) refresh_evictable(victim);
     for (int i = 0; i < n; ++i) {
@@ -290,7 +290,7 @@ std::vector<void*> ExpertCache::acquire(int layer, const std::vector<int>& exper
   }
 
   // Committed.
-  ++tick_;
+  std::vector<bool> missed(n, false);
   ++stats_.acquires;
   for (int i = 0; i < n; ++i) {
     int slot = slots[i];
@@ -310,6 +310,7 @@ std::vector<void*> ExpertCache::acquire(int layer, const std::vector<int>& exper
     // hit, and wait for it below.
     if (s.stale && !s.demanded) {
       s.demanded = true;
+      missed[i] = true;
       count(layer, &LayerStats::misses);
     } else {
       count(layer, &LayerStats::hits);
@@ -319,7 +320,12 @@ std::vector<void*> ExpertCache::acquire(int layer, const std::vector<int>& exper
       }
     }
     s.prefetched = false;
-    views_[slot].last_use = tick_;
+  }
+  // One tick per expert: the hits in the order asked, then the misses, which arrive last.
+  for (bool misses : {false, true}) {
+    for (int i = 0; i < n; ++i) {
+      if (missed[i] == misses) views_[slots[i]].last_use = ++tick_;
+    }
   }
   current_layer_ = layer;
   retire_predictions(layer, keys);
