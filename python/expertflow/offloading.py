@@ -17,8 +17,10 @@ device and stays there.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +34,7 @@ from transformers.integrations.moe import (
 
 from expertflow.core import ExpertCache, ExpertLayout, HostPool, parse_bytes, parse_device
 from expertflow.prediction import DEFAULT_LINK_GBPS, Prefetcher, find_router
+from expertflow.traces import Trace
 
 IMPLEMENTATION = "expertflow"
 _ALIGNMENT = 256
@@ -196,6 +199,30 @@ class _SlotExperts:
         return getattr(self._module, name)
 
 
+class _Recorder:
+    """Writes the routing of live runs as a trace (expertflow.traces), step by step."""
+
+    def __init__(self, trace: Trace):
+        self.trace = trace
+        self.request = -1
+        self.base = 0  # token index of the current forward's first token
+        self.last_tokens = 0
+
+    def record(self, layer: int, index: list[float], weights: list[float], top_k: int) -> None:
+        tokens = len(index) // top_k
+        if layer == 0:  # a new forward: a prefill starts a request, a decode step follows
+            if tokens > 1 or self.request < 0:
+                self.request, self.base = self.request + 1, 0
+            else:
+                self.base += self.last_tokens
+            self.last_tokens = tokens
+        for t in range(tokens):
+            row = slice(t * top_k, (t + 1) * top_k)
+            self.trace.add(
+                self.request, self.base + t, layer, [int(e) for e in index[row]], weights[row]
+            )
+
+
 @dataclass
 class _Slots:
     """The cache of one offload() and what a layer's forward needs to use it."""
@@ -204,6 +231,7 @@ class _Slots:
     arena: torch.Tensor  # every slot, as bytes on the device
     address: int  # of slot 0
     device: torch.device
+    recorder: _Recorder | None = None
 
     def stream(self) -> int:
         if self.device.type == "cuda":
@@ -238,8 +266,16 @@ class _FusedRunner:
     def __call__(self, hidden_states, top_k_index, top_k_weights):
         experts, rank = torch.unique(top_k_index, sorted=True, return_inverse=True)
         gate = self.prefetcher.gate_scores(self.layer, hidden_states) if self.prefetcher else []
-        # The layer's one device-to-host read: the chosen experts and the lookahead scores.
-        host = torch.cat([experts.to(torch.float32), *(scores for _, scores in gate)]).tolist()
+        recorder = self.slots.recorder
+        routing = [top_k_index.flatten(), top_k_weights.flatten()] if recorder else []
+        # The layer's one device-to-host read: the chosen experts, the lookahead scores and,
+        # while a trace is recorded, every token's routing.
+        packed = [experts, *(scores for _, scores in gate), *routing]
+        host = torch.cat([t.to(torch.float32) for t in packed]).tolist()
+        if recorder is not None:
+            n = top_k_index.numel()
+            recorder.record(self.layer, host[-2 * n : -n], host[-n:], top_k_index.shape[-1])
+            host = host[: -2 * n]
         width = len(gate[0][1]) if gate else 0
         count = len(host) - width * len(gate)
         chosen = [int(e) for e in host[:count]]
@@ -338,11 +374,16 @@ class _Undo:
 class OffloadHandle:
     """An offloaded model: stats(), reset_stats(), restore(), and context-manager use."""
 
-    def __init__(self, model, cache: ExpertCache, plans: list[_ExpertsPlan], undo: _Undo):
+    def __init__(
+        self, model, cache: ExpertCache, plans: list[_ExpertsPlan], undo: _Undo, slots: _Slots
+    ):
         self.model = model
         self.cache = cache
         self.layer_names = [p.name for p in plans]
         self._undo = undo
+        self._slots = slots
+        self._experts = plans[0].num_experts
+        self._top_k = max(p.experts_per_token for p in plans)
 
     @property
     def num_slots(self) -> int:
@@ -369,6 +410,24 @@ class OffloadHandle:
 
     def reset_stats(self) -> None:
         self.cache.reset_stats()
+
+    @contextlib.contextmanager
+    def trace(self, path: str | Path, source: str = ""):
+        """Records the routing of the runs inside the block and writes it to `path` as an
+        expertflow trace (see expertflow.traces); yields the Trace being filled."""
+        trace = Trace(
+            len(self.layer_names),
+            self._experts,
+            self._top_k,
+            self.slot_bytes,
+            source or type(self.model).__name__,
+        )
+        self._slots.recorder = _Recorder(trace)
+        try:
+            yield trace
+        finally:
+            self._slots.recorder = None
+            trace.write(path)
 
     def restore(self) -> None:
         """Gives the model back its stock experts forward, with its weights where they were."""
@@ -530,7 +589,7 @@ def offload(
         _undo(model, undo)
         cache.close()
         raise
-    return OffloadHandle(model, cache, plans, undo)
+    return OffloadHandle(model, cache, plans, undo, slot_table)
 
 
 def _move_non_experts(model, plans: list[_ExpertsPlan], device: torch.device, undo: _Undo) -> None:
