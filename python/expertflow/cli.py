@@ -39,6 +39,11 @@ def _replay(args) -> int:
     trace = traces.read(args.trace)
     if args.expert_bytes is not None:
         trace.expert_bytes = parse_bytes(args.expert_bytes)
+    static = []
+    if args.policy == "static":
+        if args.static_from is None:
+            raise ValueError("--policy static needs --static-from TRACE to calibrate its set on")
+        static = traces.calibrate_static(traces.read(args.static_from), args.capacity, args.scope)
     result = traces.replay(
         trace,
         args.policy,
@@ -49,6 +54,7 @@ def _replay(args) -> int:
         warmup_tokens=args.warmup_tokens,
         link_gbps=args.link_gbps,
         layer_compute_us=args.layer_compute_us,
+        static_experts=static,
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -64,7 +70,8 @@ def _replay(args) -> int:
         f"  prefetches      {result['prefetch_issued']} issued, {result['prefetch_used']} used, "
         f"{result['prefetch_wasted']} wasted"
     )
-    print(f"  bytes moved     {result['bytes_demand']:.4g} on demand")
+    prefetched = result["prefetch_issued"] * trace.expert_bytes
+    print(f"  bytes moved     {result['bytes_demand']:.4g} on demand, {prefetched:.4g} prefetched")
     if result["tokens"]:
         print(
             f"  time per token  {result['modelled_seconds_per_token'] * 1e3:.3f} ms modelled, "
@@ -99,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     replay.add_argument("--expert-bytes", default=None, help="override the trace's, e.g. 336MiB")
     replay.add_argument("--reset-per-request", action=argparse.BooleanOptionalAction, default=True)
     replay.add_argument("--warmup-tokens", type=int, default=0)
+    replay.add_argument("--static-from", help="static: calibrate the set on this trace")
     replay.add_argument("--json", action="store_true")
     replay.set_defaults(run=_replay)
 

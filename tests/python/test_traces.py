@@ -239,3 +239,14 @@ def test_cli_replay_and_errors(tmp_path, capsys):
     bad = write(tmp_path, ["{oops"])
     assert cli.main(["replay", bad, "--capacity", "2"]) == 2
     assert "t.trace:1" in capsys.readouterr().err
+
+
+def test_cli_static_calibrates_on_another_trace(tmp_path, capsys):
+    test, calibration = tmp_path / "test.trace", tmp_path / "calibration.trace"
+    sequence_trace([(0, [e]) for e in [0, 1, 0, 2, 0, 3, 0]]).write(test)
+    sequence_trace([(0, [e]) for e in [0, 0, 0, 1]]).write(calibration)
+    assert cli.main(["replay", str(test), "--capacity", "2", "--policy", "static", "--json"]) == 2
+    assert "--static-from" in capsys.readouterr().err
+    args = ["replay", str(test), "--capacity", "2", "--policy", "static", "--static-from", str(calibration), "--json"]
+    assert cli.main(args) == 0
+    assert json.loads(capsys.readouterr().out)["hits"] == 3  # the set {0}
