@@ -34,13 +34,26 @@ def run(trace, policy, capacity, scope, warmup, calibration):
         parts = calibration(capacity)
         hits = misses = accesses = 0
         for test, static in parts:
-            r = traces.replay(test, "static", capacity, scope=scope, warmup_tokens=warmup,
-                              static_experts=static)
-            hits, misses, accesses = hits + r["hits"], misses + r["misses"], accesses + r["accesses"]
-        return {"hits": hits, "misses": misses, "accesses": accesses, "hit_rate": hits / accesses,
-                "prefetch_issued": 0, "prefetch_hits": 0}
+            r = traces.replay(
+                test, "static", capacity, scope=scope, warmup_tokens=warmup, static_experts=static
+            )
+            hits, misses, accesses = (
+                hits + r["hits"],
+                misses + r["misses"],
+                accesses + r["accesses"],
+            )
+        return {
+            "hits": hits,
+            "misses": misses,
+            "accesses": accesses,
+            "hit_rate": hits / accesses,
+            "prefetch_issued": 0,
+            "prefetch_hits": 0,
+        }
     predictor = "history" if policy == "expertflow" else "none"
-    return traces.replay(trace, policy, capacity, scope=scope, warmup_tokens=warmup, predictor=predictor)
+    return traces.replay(
+        trace, policy, capacity, scope=scope, warmup_tokens=warmup, predictor=predictor
+    )
 
 
 def compare(name, trace, capacities, scope, warmup, calibration, unit):
@@ -52,15 +65,24 @@ def compare(name, trace, capacities, scope, warmup, calibration, unit):
             r = run(trace, policy, capacity, scope, warmup, calibration)
             seconds = time.perf_counter() - start
             moved = (r["misses"] + r["prefetch_issued"]) * trace.expert_bytes
-            rows[policy].append({
-                "capacity": capacity, "hit_rate": r["hit_rate"], "hits": r["hits"],
-                "prefetch_hits": r["prefetch_hits"], "misses": r["misses"],
-                "prefetch_issued": r["prefetch_issued"], "accesses": r["accesses"],
-                "bytes_moved": moved, "accesses_per_second": r["accesses"] / seconds,
-            })
-            print(f"{name:9} {policy:10} {capacity:5} {unit}: hit rate {r['hit_rate']:.3f} "
-                  f"(prefetched {r['prefetch_hits']}), misses {r['misses']}, "
-                  f"moved {moved / 2**30:8.1f} GiB, {r['accesses'] / seconds / 1e6:5.2f} M accesses/s")
+            rows[policy].append(
+                {
+                    "capacity": capacity,
+                    "hit_rate": r["hit_rate"],
+                    "hits": r["hits"],
+                    "prefetch_hits": r["prefetch_hits"],
+                    "misses": r["misses"],
+                    "prefetch_issued": r["prefetch_issued"],
+                    "accesses": r["accesses"],
+                    "bytes_moved": moved,
+                    "accesses_per_second": r["accesses"] / seconds,
+                }
+            )
+            print(
+                f"{name:9} {policy:10} {capacity:5} {unit}: hit rate {r['hit_rate']:.3f} "
+                f"(prefetched {r['prefetch_hits']}), misses {r['misses']}, "
+                f"moved {moved / 2**30:8.1f} GiB, {r['accesses'] / seconds / 1e6:5.2f} M accesses/s"
+            )
     return rows
 
 
@@ -87,7 +109,9 @@ def plot(name, rows, xlabel, path):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/traces"))
+    parser.add_argument(
+        "--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/traces")
+    )
     args = parser.parse_args()
     data = Path(args.data)
 
@@ -96,10 +120,14 @@ def main() -> None:
 
     def mixtral_static(capacity):  # each problem tested on the other's frequencies
         a, b = mixtral.request_ids()
-        return [(mixtral.select([a]), traces.calibrate_static(mixtral.select([b]), capacity, "layer")),
-                (mixtral.select([b]), traces.calibrate_static(mixtral.select([a]), capacity, "layer"))]
+        return [
+            (mixtral.select([a]), traces.calibrate_static(mixtral.select([b]), capacity, "layer")),
+            (mixtral.select([b]), traces.calibrate_static(mixtral.select([a]), capacity, "layer")),
+        ]
 
-    m_rows = compare("mixtral", mixtral, [2, 3, 4, 5, 6, 7], "layer", 0, mixtral_static, "per layer")
+    m_rows = compare(
+        "mixtral", mixtral, [2, 3, 4, 5, 6, 7], "layer", 0, mixtral_static, "per layer"
+    )
 
     tar = data / "deepseek-v2-lite-prefill-train.tar.xz"
     started = time.perf_counter()
@@ -115,18 +143,39 @@ def main() -> None:
 
     d_rows = compare("deepseek", deepseek, capacities, "global", 10, deepseek_static, "in all")
 
-    plot("Mixtral-8x7B decode (GSM8K)", m_rows, "experts cached per layer", RESULTS / "replay_mixtral.png")
-    plot("DeepSeek-V2-Lite prefill (40 prompts)", d_rows, "experts cached (of 1,664)", RESULTS / "replay_deepseek.png")
-    at_10 = {p: next(r for r in rows if r["capacity"] == capacities[1]) for p, rows in d_rows.items()}
-    save("replay_compare", {
-        "protocol": __doc__,
-        "mixtral": {"scope": "layer", "expert_bytes": mixtral.expert_bytes, "policies": m_rows},
-        "deepseek": {"scope": "global", "capacities": capacities, "expert_bytes": deepseek.expert_bytes,
-                     "policies": d_rows},
-        "deepseek_10_percent": {p: {"hit_rate": r["hit_rate"], "bytes_moved": r["bytes_moved"]}
-                                for p, r in at_10.items()},
-        "goal": "MoE-Beyond's trained predictor: 72% hit rate at a 10% global cache (LRU 17-28%)",
-    })
+    plot(
+        "Mixtral-8x7B decode (GSM8K)",
+        m_rows,
+        "experts cached per layer",
+        RESULTS / "replay_mixtral.png",
+    )
+    plot(
+        "DeepSeek-V2-Lite prefill (40 prompts)",
+        d_rows,
+        "experts cached (of 1,664)",
+        RESULTS / "replay_deepseek.png",
+    )
+    at_10 = {
+        p: next(r for r in rows if r["capacity"] == capacities[1]) for p, rows in d_rows.items()
+    }
+    save(
+        "replay_compare",
+        {
+            "protocol": __doc__,
+            "mixtral": {"scope": "layer", "expert_bytes": mixtral.expert_bytes, "policies": m_rows},
+            "deepseek": {
+                "scope": "global",
+                "capacities": capacities,
+                "expert_bytes": deepseek.expert_bytes,
+                "policies": d_rows,
+            },
+            "deepseek_10_percent": {
+                p: {"hit_rate": r["hit_rate"], "bytes_moved": r["bytes_moved"]}
+                for p, r in at_10.items()
+            },
+            "goal": "MoE-Beyond's trained predictor: 72% hit rate at a 10% global cache (LRU 17-28%)",
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
+#include "expertflow/replay.h"
+
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include "bindings.h"
 #include "expertflow/error.h"
-#include "expertflow/replay.h"
 
 namespace py = pybind11;
 
@@ -49,7 +50,8 @@ void register_replay(py::module_& m) {
         EF_CHECK(off(n) == experts.size(), "offsets end at ", off(n), " but there are ",
                  experts.size(), " experts");
         std::vector<ReplayStep> steps(n);
-        auto req = requests.unchecked<1>(), tok = tokens.unchecked<1>(), lay = layers.unchecked<1>();
+        auto req = requests.unchecked<1>(), tok = tokens.unchecked<1>(),
+             lay = layers.unchecked<1>();
         auto exp = experts.unchecked<1>();
         for (py::ssize_t i = 0; i < n; ++i) {
           EF_CHECK(off(i) <= off(i + 1), "offsets decrease at step ", i);

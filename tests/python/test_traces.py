@@ -247,6 +247,25 @@ def test_cli_static_calibrates_on_another_trace(tmp_path, capsys):
     sequence_trace([(0, [e]) for e in [0, 0, 0, 1]]).write(calibration)
     assert cli.main(["replay", str(test), "--capacity", "2", "--policy", "static", "--json"]) == 2
     assert "--static-from" in capsys.readouterr().err
-    args = ["replay", str(test), "--capacity", "2", "--policy", "static", "--static-from", str(calibration), "--json"]
+    args = [
+        "replay",
+        str(test),
+        "--capacity",
+        "2",
+        "--policy",
+        "static",
+        "--static-from",
+        str(calibration),
+        "--json",
+    ]
     assert cli.main(args) == 0
     assert json.loads(capsys.readouterr().out)["hits"] == 3  # the set {0}
+
+
+def test_per_layer_static_sets_belong_to_their_layer():
+    # Each layer sees 0 1 0 2 0; the set {(1, 0)} keeps expert 0 at layer 1 only.
+    steps = [(layer, [e]) for e in [0, 1, 0, 2, 0] for layer in (0, 1)]
+    trace = sequence_trace(steps, layers=2)
+    result = traces.replay(trace, "static", 2, scope="layer", static_experts=[(1, 0)])
+    # Layer 0 streams everything (0 hits); layer 1 hits expert 0 twice.
+    assert (result["hits"], result["misses"]) == (2, 8)

@@ -25,13 +25,14 @@ struct ReplayStep {
 };
 
 struct ReplayOptions {
-  PolicyOptions policy;    // belady's future is filled in from the steps
+  PolicyOptions policy;    // static_keys as layer * experts + expert; belady's future is
+                           // filled in from the steps
   int capacity = 0;        // slots, per layer (per_layer) or in all
   bool per_layer = false;  // one cache per layer instead of one for all layers
   bool reset_per_request = true;
   int warmup_tokens = 0;
-  bool history = false;  // prefetch the TransitionPredictor's choice for the next layer
-  int prefetch_top = 0;  // how many experts it prefetches (0: as many as the step used)
+  bool history = false;          // prefetch the TransitionPredictor's choice for the next layer
+  int prefetch_top = 0;          // how many experts it prefetches (0: as many as the step used)
   std::size_t expert_bytes = 1;  // for bytes moved and modelled time
   double link_gbps = 16.0;
   double layer_compute_us = 0.0;
@@ -42,7 +43,7 @@ struct ReplayResult {
   std::uint64_t accesses = 0;  // counted expert accesses
   std::uint64_t hits = 0;      // resident when acquired (prefetched ones included)
   std::uint64_t misses = 0;
-  LayerStats cache;  // the caches' own counters, summed, warm-up included
+  LayerStats cache;           // the caches' own counters, summed, warm-up included
   double bytes_demand = 0.0;  // counted misses x expert_bytes
   double modelled_seconds = 0.0;
   double link_floor_seconds = 0.0;

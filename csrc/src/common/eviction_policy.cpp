@@ -65,7 +65,7 @@ class LfuPolicy final : public EvictionPolicy {
   double decay_;
   std::uint64_t period_;
   std::uint64_t accesses_ = 0;
-  std::vector<double> counts_;               // per key, kept across evictions
+  std::vector<double> counts_;              // per key, kept across evictions
   std::vector<std::uint64_t> last_access_;  // per key: its last access, in the order asked
 };
 

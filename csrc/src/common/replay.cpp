@@ -14,14 +14,20 @@ namespace {
 class Caches {
  public:
   Caches(int num_layers, int experts, const ReplayOptions& options,
-         std::vector<ReplayStep>::const_iterator begin,
-         std::vector<ReplayStep>::const_iterator end)
+         std::vector<ReplayStep>::const_iterator begin, std::vector<ReplayStep>::const_iterator end)
       : per_layer_(options.per_layer) {
     auto backend = make_backend(DeviceKind::kCpu);
     int caches = per_layer_ ? num_layers : 1;
-    auto pool = std::make_shared<HostPool>(backend, ExpertLayout(per_layer_ ? 1 : num_layers, experts, 1));
+    auto pool =
+        std::make_shared<HostPool>(backend, ExpertLayout(per_layer_ ? 1 : num_layers, experts, 1));
     for (int c = 0; c < caches; ++c) {
       PolicyOptions policy = options.policy;
+      if (per_layer_) {  // a layer's cache knows its own experts only
+        policy.static_keys.clear();
+        for (int k : options.policy.static_keys) {
+          if (k / experts == c) policy.static_keys.push_back(k % experts);
+        }
+      }
       if (policy.name == "belady") {
         policy.future.clear();
         for (auto step = begin; step != end; ++step) {
@@ -73,8 +79,8 @@ ReplayResult replay(int num_layers, int experts_per_layer, const std::vector<Rep
     EF_CHECK(step.layer >= 0 && step.layer < num_layers, "step ", i, ": layer ", step.layer,
              " out of range [0, ", num_layers, ")");
     for (int e : step.experts) {
-      EF_CHECK(e >= 0 && e < experts_per_layer, "step ", i, ": expert id ", e,
-               " out of range [0, ", experts_per_layer, ")");
+      EF_CHECK(e >= 0 && e < experts_per_layer, "step ", i, ": expert id ", e, " out of range [0, ",
+               experts_per_layer, ")");
     }
   }
 
