@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared device run for a session lent a GPU: builds with CUDA, runs the C++ and
-# Python tests (CUDA ones included), the CUDA microbenchmark and the offload overhead
-# benchmark on the GPU. Logs and JSON go to $OUT (the device tool's folder) or
+# Python tests (CUDA ones included), the CUDA microbenchmark, the offload overhead
+# benchmark and the per-policy GPU benchmark (bench/gpu_bench.py). Logs and JSON go to $OUT (the device tool's folder) or
 # bench/results. Build with the machine's own torch: pip install --no-build-isolation.
 set -uo pipefail
 out=${OUT:-bench/results}
@@ -16,3 +16,4 @@ python -m pytest -q tests/python 2>&1 | tee "$out/pytest.log" | tail -5
 ./build/test/core_bench --backend cuda --out "$out/core_bench_cuda.json" | tail -20
 python bench/offload_overhead.py --device cuda --reps 3 2>&1 | tail -4
 cp bench/results/offload_overhead_cuda.json "$out/" 2>/dev/null || true
+python bench/gpu_bench.py --out "$out/gpu_bench.json" 2>&1 | grep -v "bench:" | tail -12

@@ -80,11 +80,97 @@ def _replay(args) -> int:
     return 0
 
 
+def _model_arguments(command) -> None:
+    command.add_argument("--model", default=None, help="a local checkpoint directory (default: the embedded model)")
+    command.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    command.add_argument("--device", default="cpu")
+    command.add_argument("--budget", default=None, help="bytes or e.g. 12GiB (default: a quarter of the experts)")
+    command.add_argument("--slots", type=int, default=None)
+    command.add_argument("--max-new-tokens", type=int, default=32)
+    command.add_argument("--link-gbps", type=float, default=None,
+                         help="on the CPU, the emulated link (default 4); elsewhere the prefetch budget")
+    command.add_argument("--json", action="store_true")
+
+
+def _sizing(args, model) -> dict:
+    from expertflow import benchmark
+
+    if args.budget is not None and args.slots is not None:
+        raise ValueError("give --budget or --slots, not both")
+    if args.budget is not None:
+        return {"budget": args.budget}
+    return {"slots": args.slots or benchmark.default_slots(model)}
+
+
+def _link(args) -> float | None:
+    return args.link_gbps if args.link_gbps or not args.device.startswith("cpu") else 4.0
+
+
+def _run(args) -> int:
+    from expertflow import benchmark, models, offload
+
+    loaded = models.load(args.model, args.dtype)
+    loaded.model.to(args.device)
+    link = _link(args)
+    with offload(loaded.model, args.device, policy=args.policy, **_sizing(args, loaded.model),
+                 **({"link_gbps": link} if link else {})) as handle:
+        tokens, seconds = benchmark.generate(loaded, args.prompt, args.max_new_tokens, args.device)
+        stats = handle.stats()
+    summary = {"model": loaded.name, "text": loaded.tokenizer.decode(tokens.tolist()),
+               "tokens_per_second": len(tokens) / seconds, "policy": args.policy,
+               **{k: stats[k] for k in ("num_slots", "hit_rate", "hits", "misses", "prefetch_hits",
+                                        "bytes_demand", "bytes_prefetch", "stall_seconds",
+                                        "precision", "recall")}}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"{loaded.name}: {args.prompt!r} ->")
+    print(summary["text"])
+    print(f"\n{len(tokens)} tokens at {summary['tokens_per_second']:.2f} tokens/s, {args.policy}, "
+          f"{stats['num_slots']} slots: hit rate {stats['hit_rate']:.3f} "
+          f"({stats['prefetch_hits']} prefetched), {stats['misses']} misses, "
+          f"{(stats['bytes_demand'] + stats['bytes_prefetch']) / 2**30:.2f} GiB moved, "
+          f"stall {stats['stall_seconds']:.2f} s, prediction precision {stats['precision']:.2f} "
+          f"recall {stats['recall']:.2f}")
+    return 0
+
+
+def _bench(args) -> int:
+    from pathlib import Path
+
+    from expertflow import benchmark, models
+
+    loaded = models.load(args.model, args.dtype)
+    sizing = _sizing(args, loaded.model)
+    result = benchmark.run(loaded, args.prompt or benchmark.DEFAULT_PROMPTS, device=args.device,
+                           max_new_tokens=args.max_new_tokens, link_gbps=_link(args),
+                           progress=not args.json, **sizing)
+    paths = benchmark.save(result, Path(args.out))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(benchmark.table(result))
+        print("wrote " + ", ".join(str(p) for p in paths))
+    return 0 if all(r["same_tokens_as_resident"] for r in result["configs"].values()) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="expertflow", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     commands.add_parser("info", help="build info, backends and devices").set_defaults(run=_info)
+
+    run = commands.add_parser("run", help="generate with offloading")
+    run.add_argument("--prompt", default="The quick brown fox")
+    run.add_argument("--policy", choices=POLICIES[:-1], default="expertflow")
+    _model_arguments(run)
+    run.set_defaults(run=_run)
+
+    bench = commands.add_parser("bench", help="every policy side by side on the same prompts")
+    bench.add_argument("--prompt", action="append", help="repeat for several (default: three)")
+    bench.add_argument("--out", default="expertflow-bench", help="folder for bench.json and bench.png")
+    _model_arguments(bench)
+    bench.set_defaults(run=_bench)
 
     convert = commands.add_parser("convert", help="convert a published routing trace")
     convert.add_argument(

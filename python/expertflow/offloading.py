@@ -412,9 +412,9 @@ class OffloadHandle:
         self.cache.reset_stats()
 
     @contextlib.contextmanager
-    def trace(self, path: str | Path, source: str = ""):
-        """Records the routing of the runs inside the block and writes it to `path` as an
-        expertflow trace (see expertflow.traces); yields the Trace being filled."""
+    def trace(self, path: str | Path | None, source: str = ""):
+        """Records the routing of the runs inside the block and writes it to `path` (if
+        given) as an expertflow trace (see expertflow.traces); yields the Trace."""
         trace = Trace(
             len(self.layer_names),
             self._experts,
@@ -427,7 +427,8 @@ class OffloadHandle:
             yield trace
         finally:
             self._slots.recorder = None
-            trace.write(path)
+            if path is not None:
+                trace.write(path)
 
     def restore(self) -> None:
         """Gives the model back its stock experts forward, with its weights where they were."""

@@ -1,0 +1,154 @@
+"""`expertflow bench`: the same prompts through every way of running the experts.
+
+    resident      every expert on the device: the upper bound
+    no cache      every expert a token needs copied every time (the accelerate-style
+                  baseline: a static policy with an empty set)
+    static        a fixed set, chosen from a calibration prompt's routing
+    lru           demand copies, LRU eviction
+    lru+prefetch  the same, with prediction and prefetch
+    expertflow    LRU plus prediction for eviction, with prefetch
+
+Every configuration must produce the resident tokens. On the CPU backend copies go
+through the link model (`link_gbps`), which stands in for PCIe.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from expertflow.offloading import _find_experts, offload
+from expertflow.traces import calibrate_static
+
+CONFIGS = {
+    "resident": None,
+    "no cache": {"policy": "static", "prefetch": False},
+    "static": {"policy": "static", "prefetch": False},
+    "lru": {"policy": "lru", "prefetch": False},
+    "lru+prefetch": {"policy": "lru", "prefetch": True},
+    "expertflow": {"policy": "expertflow", "prefetch": True},
+}
+DEFAULT_PROMPTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Mixture-of-Experts models route each token to a few experts.",
+    "Offloading keeps every expert in host memory and caches the ones in use.",
+]
+
+
+def generate(loaded, prompt: str, max_new_tokens: int, device: str) -> tuple[torch.Tensor, float]:
+    ids = loaded.tokenizer.encode(prompt).to(device)
+    options = {"max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens}
+    if loaded.sample:  # random weights: greedy output soon repeats one token; sample, seeded
+        torch.manual_seed(0)
+        options.update(do_sample=True, top_k=50)
+    else:
+        options.update(do_sample=False)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), **options)
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    return out[0, ids.shape[1] :].cpu(), time.perf_counter() - start
+
+
+def default_slots(model) -> int:
+    plans = _find_experts(model)
+    return max(max(p.experts_per_token for p in plans), sum(p.num_experts for p in plans) // 4)
+
+
+def run(loaded, prompts, *, device="cpu", slots=None, budget=None, max_new_tokens=32,
+        link_gbps=None, configs=tuple(CONFIGS), progress=True) -> dict:
+    if slots is None and budget is None:
+        slots = default_slots(loaded.model)
+    sizing = {"slots": slots} if slots is not None else {"budget": budget}
+    link = {"link_gbps": link_gbps} if link_gbps else {}
+    loaded.model.to(device)
+    static_set = _calibrate(loaded, prompts[0], device, sizing, link, max_new_tokens)
+    results, reference = {}, None
+    bar = tqdm(total=len(configs) * len(prompts), desc="bench", disable=not progress)
+    for name in configs:
+        options = CONFIGS[name]
+        tokens, seconds, stats = [], 0.0, None
+        handle = None
+        if options is not None:
+            extra = {"static_experts": static_set} if name == "static" else {}
+            handle = offload(loaded.model, device, **sizing, **link, **options, **extra)
+        try:
+            for prompt in prompts:
+                bar.set_postfix_str(name)
+                out, spent = generate(loaded, prompt, max_new_tokens, device)
+                tokens.append(out)
+                seconds += spent
+                bar.update()
+            if handle is not None:
+                stats = handle.stats()
+        finally:
+            if handle is not None:
+                handle.restore()
+        reference = tokens if reference is None else reference
+        generated = sum(len(t) for t in tokens)
+        row = {"tokens_per_second": generated / seconds, "seconds": seconds, "tokens": generated,
+               "same_tokens_as_resident": all(torch.equal(a, b) for a, b in zip(tokens, reference))}
+        if stats is not None:
+            row.update({k: stats[k] for k in ("hit_rate", "hits", "misses", "prefetch_hits",
+                                              "bytes_demand", "bytes_prefetch", "stall_seconds",
+                                              "num_slots", "slot_bytes")})
+        results[name] = row
+    bar.close()
+    return {"model": loaded.name, "device": device, "prompts": prompts,
+            "max_new_tokens": max_new_tokens, "link_gbps": link_gbps, **sizing,
+            "static_set_size": len(static_set), "configs": results}
+
+
+def _calibrate(loaded, prompt, device, sizing, link, max_new_tokens) -> list[tuple[int, int]]:
+    """The static set: the experts a calibration run of the first prompt used most."""
+    handle = offload(loaded.model, device, **sizing, **link, policy="lru", prefetch=False)
+    try:
+        with handle.trace(None) as trace:
+            generate(loaded, prompt, max_new_tokens, device)
+        return calibrate_static(trace, handle.num_slots, "global")
+    finally:
+        handle.restore()
+
+
+def table(result: dict) -> str:
+    lines = [f"{result['model']} on {result['device']}, "
+             f"{result.get('slots') or result.get('budget')} slots/budget, link "
+             f"{result['link_gbps'] or 'real'} GB/s",
+             f"{'config':14} {'tokens/s':>9} {'hit rate':>9} {'GiB moved':>10} {'stall s':>8}  same tokens"]
+    for name, row in result["configs"].items():
+        moved = (row.get("bytes_demand", 0) + row.get("bytes_prefetch", 0)) / 2**30
+        hit = f"{row['hit_rate']:.3f}" if "hit_rate" in row else "-"
+        stall = f"{row['stall_seconds']:.2f}" if "stall_seconds" in row else "-"
+        lines.append(f"{name:14} {row['tokens_per_second']:9.2f} {hit:>9} {moved:10.2f} {stall:>8}  "
+                     f"{'yes' if row['same_tokens_as_resident'] else 'NO'}")
+    return "\n".join(lines)
+
+
+def save(result: dict, folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path = folder / "bench.json"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["configs"])
+    rows = [result["configs"][n] for n in names]
+    fig, (speed, hits) = plt.subplots(1, 2, figsize=(11, 4))
+    speed.bar(names, [r["tokens_per_second"] for r in rows])
+    speed.set(ylabel="tokens/s", title="decode throughput")
+    hits.bar(names, [r.get("hit_rate", 1.0) for r in rows])
+    hits.set(ylabel="hit rate", title="expert hit rate", ylim=(0, 1))
+    for ax in (speed, hits):
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    png_path = folder / "bench.png"
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return [json_path, png_path]

@@ -1,0 +1,33 @@
+"""The `expertflow` command's run and bench on the embedded default model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from expertflow import cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_run_prints_text_and_stats(capsys):
+    assert cli.main(["run", "--max-new-tokens", "4", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["num_slots"] == 16 and summary["misses"] > 0
+    assert 0.0 <= summary["hit_rate"] <= 1.0 and summary["tokens_per_second"] > 0
+
+
+def test_bench_runs_every_config_with_the_resident_tokens(tmp_path, capsys):
+    args = ["bench", "--max-new-tokens", "4", "--prompt", "a short prompt", "--out", str(tmp_path), "--json"]
+    assert cli.main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert list(result["configs"]) == ["resident", "no cache", "static", "lru", "lru+prefetch", "expertflow"]
+    assert all(row["same_tokens_as_resident"] for row in result["configs"].values())
+    assert result["configs"]["no cache"]["hit_rate"] == 0.0
+    assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_bad_model_path_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["run", "--model", str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
