@@ -43,18 +43,32 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_bench.json"))
     args = parser.parse_args()
 
-    shape = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16,
-             "num_attention_heads": 16, "num_key_value_heads": 4}
+    shape = {
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 4,
+    }
     if args.small:
-        shape = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
-                 "num_attention_heads": 4, "num_key_value_heads": 2}
+        shape = {
+            "hidden_size": 256,
+            "intermediate_size": 512,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        }
     models.DEFAULT.update(shape)
     loaded = models.default_model()
     loaded.model.to(torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     gbps = pinned_h2d_gbps(args.device) if args.device.startswith("cuda") else None
-    result = benchmark.run(loaded, benchmark.DEFAULT_PROMPTS, device=args.device,
-                           max_new_tokens=args.max_new_tokens,
-                           link_gbps=None if gbps else 4.0)
+    result = benchmark.run(
+        loaded,
+        benchmark.DEFAULT_PROMPTS,
+        device=args.device,
+        max_new_tokens=args.max_new_tokens,
+        link_gbps=None if gbps else 4.0,
+    )
     result["machine"] = machine()
     result["pinned_h2d_gbps"] = gbps
     result["model_shape"] = shape
@@ -62,7 +76,9 @@ def main() -> None:
         for row in result["configs"].values():
             moved = row.get("bytes_demand", 0) + row.get("bytes_prefetch", 0)
             row["link_floor_seconds"] = moved / (gbps * 1e9)
-            row["seconds_over_link_floor"] = row["seconds"] / row["link_floor_seconds"] if moved else None
+            row["seconds_over_link_floor"] = (
+                row["seconds"] / row["link_floor_seconds"] if moved else None
+            )
     speed = {name: row["tokens_per_second"] for name, row in result["configs"].items()}
     result["ratios"] = {
         "expertflow_over_lru": speed["expertflow"] / speed["lru"],

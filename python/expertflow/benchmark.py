@@ -60,8 +60,18 @@ def default_slots(model) -> int:
     return max(max(p.experts_per_token for p in plans), sum(p.num_experts for p in plans) // 4)
 
 
-def run(loaded, prompts, *, device="cpu", slots=None, budget=None, max_new_tokens=32,
-        link_gbps=None, configs=tuple(CONFIGS), progress=True) -> dict:
+def run(
+    loaded,
+    prompts,
+    *,
+    device="cpu",
+    slots=None,
+    budget=None,
+    max_new_tokens=32,
+    link_gbps=None,
+    configs=tuple(CONFIGS),
+    progress=True,
+) -> dict:
     if slots is None and budget is None:
         slots = default_slots(loaded.model)
     sizing = {"slots": slots} if slots is not None else {"budget": budget}
@@ -91,17 +101,41 @@ def run(loaded, prompts, *, device="cpu", slots=None, budget=None, max_new_token
                 handle.restore()
         reference = tokens if reference is None else reference
         generated = sum(len(t) for t in tokens)
-        row = {"tokens_per_second": generated / seconds, "seconds": seconds, "tokens": generated,
-               "same_tokens_as_resident": all(torch.equal(a, b) for a, b in zip(tokens, reference))}
+        row = {
+            "tokens_per_second": generated / seconds,
+            "seconds": seconds,
+            "tokens": generated,
+            "same_tokens_as_resident": all(torch.equal(a, b) for a, b in zip(tokens, reference)),
+        }
         if stats is not None:
-            row.update({k: stats[k] for k in ("hit_rate", "hits", "misses", "prefetch_hits",
-                                              "bytes_demand", "bytes_prefetch", "stall_seconds",
-                                              "num_slots", "slot_bytes")})
+            row.update(
+                {
+                    k: stats[k]
+                    for k in (
+                        "hit_rate",
+                        "hits",
+                        "misses",
+                        "prefetch_hits",
+                        "bytes_demand",
+                        "bytes_prefetch",
+                        "stall_seconds",
+                        "num_slots",
+                        "slot_bytes",
+                    )
+                }
+            )
         results[name] = row
     bar.close()
-    return {"model": loaded.name, "device": device, "prompts": prompts,
-            "max_new_tokens": max_new_tokens, "link_gbps": link_gbps, **sizing,
-            "static_set_size": len(static_set), "configs": results}
+    return {
+        "model": loaded.name,
+        "device": device,
+        "prompts": prompts,
+        "max_new_tokens": max_new_tokens,
+        "link_gbps": link_gbps,
+        **sizing,
+        "static_set_size": len(static_set),
+        "configs": results,
+    }
 
 
 def _calibrate(loaded, prompt, device, sizing, link, max_new_tokens) -> list[tuple[int, int]]:
@@ -116,16 +150,20 @@ def _calibrate(loaded, prompt, device, sizing, link, max_new_tokens) -> list[tup
 
 
 def table(result: dict) -> str:
-    lines = [f"{result['model']} on {result['device']}, "
-             f"{result.get('slots') or result.get('budget')} slots/budget, link "
-             f"{result['link_gbps'] or 'real'} GB/s",
-             f"{'config':14} {'tokens/s':>9} {'hit rate':>9} {'GiB moved':>10} {'stall s':>8}  same tokens"]
+    lines = [
+        f"{result['model']} on {result['device']}, "
+        f"{result.get('slots') or result.get('budget')} slots/budget, link "
+        f"{result['link_gbps'] or 'real'} GB/s",
+        f"{'config':14} {'tokens/s':>9} {'hit rate':>9} {'GiB moved':>10} {'stall s':>8}  same tokens",
+    ]
     for name, row in result["configs"].items():
         moved = (row.get("bytes_demand", 0) + row.get("bytes_prefetch", 0)) / 2**30
         hit = f"{row['hit_rate']:.3f}" if "hit_rate" in row else "-"
         stall = f"{row['stall_seconds']:.2f}" if "stall_seconds" in row else "-"
-        lines.append(f"{name:14} {row['tokens_per_second']:9.2f} {hit:>9} {moved:10.2f} {stall:>8}  "
-                     f"{'yes' if row['same_tokens_as_resident'] else 'NO'}")
+        lines.append(
+            f"{name:14} {row['tokens_per_second']:9.2f} {hit:>9} {moved:10.2f} {stall:>8}  "
+            f"{'yes' if row['same_tokens_as_resident'] else 'NO'}"
+        )
     return "\n".join(lines)
 
 

@@ -81,14 +81,22 @@ def _replay(args) -> int:
 
 
 def _model_arguments(command) -> None:
-    command.add_argument("--model", default=None, help="a local checkpoint directory (default: the embedded model)")
+    command.add_argument(
+        "--model", default=None, help="a local checkpoint directory (default: the embedded model)"
+    )
     command.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     command.add_argument("--device", default="cpu")
-    command.add_argument("--budget", default=None, help="bytes or e.g. 12GiB (default: a quarter of the experts)")
+    command.add_argument(
+        "--budget", default=None, help="bytes or e.g. 12GiB (default: a quarter of the experts)"
+    )
     command.add_argument("--slots", type=int, default=None)
     command.add_argument("--max-new-tokens", type=int, default=32)
-    command.add_argument("--link-gbps", type=float, default=None,
-                         help="on the CPU, the emulated link (default 4); elsewhere the prefetch budget")
+    command.add_argument(
+        "--link-gbps",
+        type=float,
+        default=None,
+        help="on the CPU, the emulated link (default 4); elsewhere the prefetch budget",
+    )
     command.add_argument("--json", action="store_true")
 
 
@@ -112,26 +120,49 @@ def _run(args) -> int:
     loaded = models.load(args.model, args.dtype)
     loaded.model.to(args.device)
     link = _link(args)
-    with offload(loaded.model, args.device, policy=args.policy, **_sizing(args, loaded.model),
-                 **({"link_gbps": link} if link else {})) as handle:
+    with offload(
+        loaded.model,
+        args.device,
+        policy=args.policy,
+        **_sizing(args, loaded.model),
+        **({"link_gbps": link} if link else {}),
+    ) as handle:
         tokens, seconds = benchmark.generate(loaded, args.prompt, args.max_new_tokens, args.device)
         stats = handle.stats()
-    summary = {"model": loaded.name, "text": loaded.tokenizer.decode(tokens.tolist()),
-               "tokens_per_second": len(tokens) / seconds, "policy": args.policy,
-               **{k: stats[k] for k in ("num_slots", "hit_rate", "hits", "misses", "prefetch_hits",
-                                        "bytes_demand", "bytes_prefetch", "stall_seconds",
-                                        "precision", "recall")}}
+    summary = {
+        "model": loaded.name,
+        "text": loaded.tokenizer.decode(tokens.tolist()),
+        "tokens_per_second": len(tokens) / seconds,
+        "policy": args.policy,
+        **{
+            k: stats[k]
+            for k in (
+                "num_slots",
+                "hit_rate",
+                "hits",
+                "misses",
+                "prefetch_hits",
+                "bytes_demand",
+                "bytes_prefetch",
+                "stall_seconds",
+                "precision",
+                "recall",
+            )
+        },
+    }
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
     print(f"{loaded.name}: {args.prompt!r} ->")
     print(summary["text"])
-    print(f"\n{len(tokens)} tokens at {summary['tokens_per_second']:.2f} tokens/s, {args.policy}, "
-          f"{stats['num_slots']} slots: hit rate {stats['hit_rate']:.3f} "
-          f"({stats['prefetch_hits']} prefetched), {stats['misses']} misses, "
-          f"{(stats['bytes_demand'] + stats['bytes_prefetch']) / 2**30:.2f} GiB moved, "
-          f"stall {stats['stall_seconds']:.2f} s, prediction precision {stats['precision']:.2f} "
-          f"recall {stats['recall']:.2f}")
+    print(
+        f"\n{len(tokens)} tokens at {summary['tokens_per_second']:.2f} tokens/s, {args.policy}, "
+        f"{stats['num_slots']} slots: hit rate {stats['hit_rate']:.3f} "
+        f"({stats['prefetch_hits']} prefetched), {stats['misses']} misses, "
+        f"{(stats['bytes_demand'] + stats['bytes_prefetch']) / 2**30:.2f} GiB moved, "
+        f"stall {stats['stall_seconds']:.2f} s, prediction precision {stats['precision']:.2f} "
+        f"recall {stats['recall']:.2f}"
+    )
     return 0
 
 
@@ -142,9 +173,15 @@ def _bench(args) -> int:
 
     loaded = models.load(args.model, args.dtype)
     sizing = _sizing(args, loaded.model)
-    result = benchmark.run(loaded, args.prompt or benchmark.DEFAULT_PROMPTS, device=args.device,
-                           max_new_tokens=args.max_new_tokens, link_gbps=_link(args),
-                           progress=not args.json, **sizing)
+    result = benchmark.run(
+        loaded,
+        args.prompt or benchmark.DEFAULT_PROMPTS,
+        device=args.device,
+        max_new_tokens=args.max_new_tokens,
+        link_gbps=_link(args),
+        progress=not args.json,
+        **sizing,
+    )
     paths = benchmark.save(result, Path(args.out))
     if args.json:
         print(json.dumps(result, indent=2))
@@ -168,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = commands.add_parser("bench", help="every policy side by side on the same prompts")
     bench.add_argument("--prompt", action="append", help="repeat for several (default: three)")
-    bench.add_argument("--out", default="expertflow-bench", help="folder for bench.json and bench.png")
+    bench.add_argument(
+        "--out", default="expertflow-bench", help="folder for bench.json and bench.png"
+    )
     _model_arguments(bench)
     bench.set_defaults(run=_bench)
 

@@ -15,9 +15,15 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 DEFAULT = {
-    "hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 8,
-    "num_attention_heads": 8, "num_key_value_heads": 2, "num_local_experts": 8,
-    "num_experts_per_tok": 2, "vocab_size": 384, "max_position_embeddings": 2048,
+    "hidden_size": 512,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "vocab_size": 384,
+    "max_position_embeddings": 2048,
 }
 
 

@@ -19,10 +19,26 @@ def test_run_prints_text_and_stats(capsys):
 
 
 def test_bench_runs_every_config_with_the_resident_tokens(tmp_path, capsys):
-    args = ["bench", "--max-new-tokens", "4", "--prompt", "a short prompt", "--out", str(tmp_path), "--json"]
+    args = [
+        "bench",
+        "--max-new-tokens",
+        "4",
+        "--prompt",
+        "a short prompt",
+        "--out",
+        str(tmp_path),
+        "--json",
+    ]
     assert cli.main(args) == 0
     result = json.loads(capsys.readouterr().out)
-    assert list(result["configs"]) == ["resident", "no cache", "static", "lru", "lru+prefetch", "expertflow"]
+    assert list(result["configs"]) == [
+        "resident",
+        "no cache",
+        "static",
+        "lru",
+        "lru+prefetch",
+        "expertflow",
+    ]
     assert all(row["same_tokens_as_resident"] for row in result["configs"].values())
     assert result["configs"]["no cache"]["hit_rate"] == 0.0
     assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.png").stat().st_size > 0
