@@ -47,3 +47,32 @@ def test_bench_runs_every_config_with_the_resident_tokens(tmp_path, capsys):
 def test_bad_model_path_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["run", "--model", str(tmp_path / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_run_on_a_local_checkpoint(tmp_path, capsys):
+    """A checkpoint directory as from_pretrained reads it: weights and a tokenizer."""
+    import tiny_models as tm
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model, _ = tm.build("mixtral")
+    model.save_pretrained(tmp_path)
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 200)}}
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="[UNK]").save_pretrained(tmp_path)
+    args = [
+        "run",
+        "--model",
+        str(tmp_path),
+        "--prompt",
+        "w5 w9 w17 w3",
+        "--slots",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    ]
+    assert cli.main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["model"] == tmp_path.name and summary["num_slots"] == 4 and summary["misses"] > 0
