@@ -24,6 +24,7 @@ py::dict counters(const LayerStats& s) {
   d["prefetch_wasted"] = s.prefetch_wasted;
   d["prefetch_cancelled"] = s.prefetch_cancelled;
   d["prefetch_dropped"] = s.prefetch_dropped;
+  d["prefetch_failed"] = s.prefetch_failed;
   d["predicted"] = s.predicted;
   d["predicted_used"] = s.predicted_used;
   d["bytes_demand"] = s.bytes_demand;

@@ -53,6 +53,7 @@ struct LayerStats {
   std::uint64_t prefetch_wasted = 0;     // prefetched experts evicted or cancelled unused
   std::uint64_t prefetch_cancelled = 0;  // of those, removed from the queue before starting
   std::uint64_t prefetch_dropped = 0;    // predictions not prefetched: no candidate slot
+  std::uint64_t prefetch_failed = 0;     // prefetch copies the backend failed
   std::uint64_t predicted = 0;           // predictions scored when their layer ran: precision =
   std::uint64_t predicted_used = 0;  // predicted_used / predicted, recall = it / (hits + misses)
   std::uint64_t bytes_demand = 0;

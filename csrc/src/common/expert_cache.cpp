@@ -508,7 +508,7 @@ void ExpertCache::on_prefetch_issued(int slot, std::uint64_t generation, const s
     count(views_[slot].layer, &LayerStats::bytes_prefetch,
           std::uint64_t{layout_.bytes(views_[slot].key)});
   } else {
-    warn("prefetch copy failed, the expert will be copied on demand: " + error);
+    count(views_[slot].layer, &LayerStats::prefetch_failed);  // copied on demand when acquired
     s.stale = true;
     s.loading = false;
     refresh_evictable(slot);
@@ -524,7 +524,7 @@ void ExpertCache::on_prefetch_complete(int slot, std::uint64_t generation,
   if (s.generation != generation) return;
   s.loading = false;
   if (!error.empty()) {
-    warn("prefetch copy failed, the expert will be copied on demand: " + error);
+    count(views_[slot].layer, &LayerStats::prefetch_failed);  // copied on demand when acquired
     s.stale = true;
   }
   refresh_evictable(slot);

@@ -10,6 +10,7 @@
 #include "common/backends.h"
 #include "expertflow/backend.h"
 #include "expertflow/error.h"
+#include "expertflow/testing.h"
 
 namespace expertflow {
 
@@ -29,11 +30,17 @@ class CpuBackend final : public Backend {
   DeviceKind kind() const override { return DeviceKind::kCpu; }
   std::string name() const override { return "cpu"; }
 
-  void* alloc_host(std::size_t bytes) override { return allocate(bytes, "host"); }
+  void* alloc_host(std::size_t bytes) override {
+    injected_alloc_failure("host");
+    return allocate(bytes, "host");
+  }
   void free_host(void* ptr) noexcept override { std::free(ptr); }
   void register_host(void*, std::size_t) override {}
   void unregister_host(void*) noexcept override {}
-  void* alloc_device(std::size_t bytes) override { return allocate(bytes, "device arena"); }
+  void* alloc_device(std::size_t bytes) override {
+    injected_alloc_failure("device arena");
+    return allocate(bytes, "device arena");
+  }
   void free_device(void* ptr) noexcept override { std::free(ptr); }
 
   StreamHandle create_stream(bool) override { return 0; }
@@ -49,6 +56,7 @@ class CpuBackend final : public Backend {
   void synchronize(Fence&) override {}
 
   void copy_to_device(void* dst, const void* src, std::size_t bytes, StreamHandle) override {
+    injected_copy_fault();
     if (link_.gbps <= 0.0) {
       std::memcpy(dst, src, bytes);
       return;
@@ -78,15 +86,45 @@ class CpuBackend final : public Backend {
     return ptr;
   }
 
+  void injected_alloc_failure(const char* what) {
+    std::lock_guard<std::mutex> lock(fault_mutex_);
+    if (!faults_.fail_alloc) return;
+    faults_.fail_alloc = false;
+    EF_THROW(OutOfMemory, "injected failure of a ", what, " allocation");
+  }
+  void injected_copy_fault() {
+    double delay_us;
+    {
+      std::lock_guard<std::mutex> lock(fault_mutex_);
+      delay_us = faults_.copy_delay_us;
+      if (faults_.fail_copy > 0 && --faults_.fail_copy == 0) {
+        EF_THROW(BackendError, "injected failure of a copy");
+      }
+    }
+    if (delay_us > 0.0)
+      std::this_thread::sleep_for(std::chrono::duration<double, std::micro>(delay_us));
+  }
+
   LinkModel link_;
   std::mutex link_mutex_;
   std::chrono::steady_clock::time_point link_free_at_{};
+  std::mutex fault_mutex_;
+  testing::CpuFaults faults_;
+
+  friend void testing::inject_faults(Backend&, const testing::CpuFaults&);
 };
 
 }  // namespace
 
 std::shared_ptr<Backend> make_cpu_backend(LinkModel link) {
   return std::make_shared<CpuBackend>(link);
+}
+
+void testing::inject_faults(Backend& backend, const CpuFaults& faults) {
+  auto* cpu = dynamic_cast<CpuBackend*>(&backend);
+  EF_CHECK(cpu != nullptr, "fault injection needs the CPU backend, got ", backend.name());
+  std::lock_guard<std::mutex> lock(cpu->fault_mutex_);
+  cpu->faults_ = faults;
 }
 
 }  // namespace expertflow
