@@ -251,6 +251,11 @@ TEST(bad_input_changes_nothing) {
   EXPECT_THROW(cache.prefetch(1, {0}, {0.5f, 0.5f}), ef::InvalidArgument);
   EXPECT_THROW_MSG(cache.release(9, {0}, 0), ef::InvalidArgument, "9");
   EXPECT_THROW_MSG(cache.release(0, {88}, 0), ef::InvalidArgument, "88");
+  // An empty expert list still names a layer, and a wrong one is refused (found by fuzzing).
+  EXPECT_THROW_MSG(cache.acquire(-3, {}, 0), ef::InvalidArgument, "layer -3");
+  EXPECT_THROW_MSG(cache.prefetch(7, {}, {}), ef::InvalidArgument, "layer 7");
+  EXPECT_THROW_MSG(cache.predict(-1, {}, {}), ef::InvalidArgument, "layer -1");
+  EXPECT_THROW_MSG(cache.release(2, {}, 0), ef::InvalidArgument, "layer 2");
 
   EXPECT_EQ(residency(cache), before);
   EXPECT_TRUE(counters(cache.stats()) == stats_before);

@@ -66,6 +66,8 @@ void ExpertCache::check_open() const {
 }
 
 std::vector<int> ExpertCache::keys_of(int layer, const std::vector<int>& experts) const {
+  EF_CHECK(layer >= 0 && layer < layout_.num_layers(), "layer ", layer, " out of range [0, ",
+           layout_.num_layers(), ")");
   std::vector<int> keys;
   keys.reserve(experts.size());
   for (int expert : experts) keys.push_back(layout_.key(layer, expert));
