@@ -41,7 +41,7 @@ class CMakeBuild(build_ext):
 
 setup(
     package_dir={"": "python"},
-    packages=["expertflow"],
+    packages=["expertflow", "expertflow.eval"],
     package_data={"expertflow": ["py.typed", "_C.pyi"]},
     ext_modules=[Extension("expertflow._C", sources=[])],
     cmdclass={"build_ext": CMakeBuild},

@@ -191,6 +191,22 @@ def _bench(args) -> int:
     return 0 if all(r["same_tokens_as_resident"] for r in result["configs"].values()) else 1
 
 
+def _eval_pope(args) -> int:
+    from expertflow.eval import pope
+
+    vlm = pope.from_pretrained(args.model, args.dtype, args.device)
+    vlm.model.to(args.device)
+    questions = pope.load_questions(args.questions, labels=args.labels)
+    if args.limit:
+        questions = questions[: args.limit]
+    sizing = {"budget": args.budget} if args.budget else {"slots": args.slots}
+    report = pope.run(
+        vlm, questions, args.images, args.out, device=args.device, **sizing, progress=not args.json
+    )
+    print(json.dumps(report, indent=2) if args.json else pope.markdown(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="expertflow", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -210,6 +226,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     _model_arguments(bench)
     bench.set_defaults(run=_bench)
+
+    evaluate = commands.add_parser(
+        "eval-pope", help="POPE under every policy (a MoE-VLM checkpoint)"
+    )
+    evaluate.add_argument("--model", required=True, help="a local MoE-VLM checkpoint directory")
+    evaluate.add_argument(
+        "--questions", required=True, help="a POPE split file, a folder of them, or LLaVA's file"
+    )
+    evaluate.add_argument(
+        "--labels", default=None, help="with LLaVA's file: the folder of split files"
+    )
+    evaluate.add_argument("--images", required=True, help="the COCO val2014 image folder")
+    evaluate.add_argument("--out", default="pope-results")
+    evaluate.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    evaluate.add_argument("--device", default="cuda")
+    evaluate.add_argument("--budget", default=None)
+    evaluate.add_argument("--slots", type=int, default=None)
+    evaluate.add_argument("--limit", type=int, default=0, help="only the first N questions")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(run=_eval_pope)
 
     convert = commands.add_parser("convert", help="convert a published routing trace")
     convert.add_argument(

@@ -1,0 +1,1 @@
+"""Evaluation harnesses; `expertflow.eval.pope` answers the project's research question."""
