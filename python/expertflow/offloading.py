@@ -254,6 +254,52 @@ class _Slots:
 
 
 @dataclass
+class _CacheAwareRouting:
+    """LOSSY, off by default: when a token's chosen expert is not resident and a resident
+    expert it did not choose has a router probability within `margin` of it, the token
+    uses the resident one (with the chosen expert's routing weight). Trades exactness for
+    fewer copies; the POPE harness measures what it costs."""
+
+    margin: float
+    cache: ExpertCache
+    routers: list[torch.nn.Module | None]
+    num_experts: int
+
+    def __call__(self, layer: int, hidden_states, top_k_index):
+        router = self.routers[layer]
+        if router is None:
+            return top_k_index
+        out = type(router).forward(router, hidden_states)
+        logits = next(
+            (
+                t
+                for t in (out if isinstance(out, (tuple, list)) else (out,))
+                if isinstance(t, torch.Tensor)
+                and t.is_floating_point()
+                and t.shape[-1] == self.num_experts
+            ),
+            None,
+        )
+        if logits is None:
+            return top_k_index
+        probs = logits.float().reshape(-1, self.num_experts).softmax(-1)
+        resident = torch.tensor(
+            [self.cache.resident(layer, e) for e in range(self.num_experts)], device=probs.device
+        )
+        chosen = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, top_k_index, True)
+        # The best resident expert each token did not choose, and its probability.
+        spare = probs.masked_fill(~resident | chosen, -1.0)
+        best_prob, best = spare.max(-1, keepdim=True)
+        own = probs.gather(1, top_k_index)
+        swap = ~resident[top_k_index] & (best_prob >= own - self.margin) & (best_prob >= 0)
+        # At most one swap per token, for its weakest non-resident choice, so that no
+        # expert appears twice in a token's top-k.
+        weakest = own.masked_fill(~swap, float("inf")).argmin(-1, keepdim=True)
+        one = torch.zeros_like(swap).scatter_(1, weakest, True) & swap
+        return torch.where(one, best.expand_as(top_k_index), top_k_index)
+
+
+@dataclass
 class _FusedRunner:
     """The experts forward of one fused experts module, registered with transformers."""
 
@@ -262,8 +308,11 @@ class _FusedRunner:
     slot_experts: _SlotExperts
     inner: Callable
     prefetcher: Prefetcher | None
+    lossy: _CacheAwareRouting | None = None
 
     def __call__(self, hidden_states, top_k_index, top_k_weights):
+        if self.lossy is not None:  # LOSSY: outputs differ from the stock model's
+            top_k_index = self.lossy(self.layer, hidden_states, top_k_index)
         experts, rank = torch.unique(top_k_index, sorted=True, return_inverse=True)
         gate = self.prefetcher.gate_scores(self.layer, hidden_states) if self.prefetcher else []
         recorder = self.slots.recorder
@@ -469,6 +518,7 @@ def offload(
     lookahead: int = 1,
     link_gbps: float | None = None,
     link_latency_us: float = 0.0,
+    cache_aware_routing: float | None = None,
     prefetch_streams: int = 1,
     **policy_options: Any,
 ) -> OffloadHandle:
@@ -483,8 +533,10 @@ def offload(
     "combined") and prefetches them within the bytes the link moves in the time before
     that layer: `link_gbps` (default: 25 on CUDA; unlimited on the CPU). On the CPU
     backend `link_gbps` and `link_latency_us` also pace copies like that link, to emulate
-    one. Policy options (`static_experts`, `lfu_decay`, ...) pass to ExpertCache. On any
-    error the model is left as it was.
+    one. `cache_aware_routing=margin` is a LOSSY mode, off by default: a token whose chosen
+    expert is not resident uses a resident one whose router probability is within the
+    margin. Policy options (`static_experts`, `lfu_decay`, ...) pass to ExpertCache. On
+    any error the model is left as it was.
     """
     parse_device(device)  # "cpu", "cuda" or "cuda:N", with a clear error otherwise
     torch_device = torch.device(device)
@@ -554,6 +606,18 @@ def offload(
                 lookahead,
                 link_gbps * 1e9,
             )
+        lossy = None
+        if cache_aware_routing is not None:
+            if not cache_aware_routing >= 0.0:
+                raise ValueError(
+                    f"cache_aware_routing is a margin >= 0, got {cache_aware_routing!r}"
+                )
+            lossy = _CacheAwareRouting(
+                float(cache_aware_routing),
+                cache,
+                [find_router(model, p.name, num_experts) if p.fused else None for p in plans],
+                num_experts,
+            )
         _move_non_experts(model, plans, torch_device, undo)
         for layer, plan in enumerate(plans):
             base = layout.offset(layer, 0)
@@ -573,6 +637,7 @@ def offload(
                     _SlotExperts(plan.module, weights, num_slots),
                     _INNER.get(implementation, grouped_mm_experts_forward),
                     prefetcher,
+                    lossy,
                 )
                 undo.patched.append((plan.module, "_expertflow"))
             else:

@@ -128,3 +128,21 @@ def test_every_counter_is_kept_per_layer_and_in_total():
         stats["stall_seconds"]
     )
     assert stats["prefetch_issued"] > 0 and stats["bytes_demand"] > 0
+
+
+def test_cache_aware_routing_is_lossy_opt_in_and_saves_copies():
+    model, inputs = tm.build("mixtral", seed=4)
+    reference = generate(model, inputs)
+    misses = {}
+    for margin in (None, 0.0, 1.0):
+        with ef.offload(
+            model, "cpu", slots=quarter(model), prefetch=False, cache_aware_routing=margin
+        ) as h:
+            tokens = generate(model, inputs)
+            misses[margin] = h.stats()["misses"]
+        if margin is None or margin == 0.0:  # off, or a margin no top-k choice can meet
+            assert torch.equal(tokens, reference)
+    assert misses[1.0] < misses[None]
+    with pytest.raises(ValueError, match="cache_aware_routing is a margin >= 0, got -1"):
+        ef.offload(model, "cpu", slots=4, cache_aware_routing=-1)
+    assert torch.equal(generate(model, inputs), reference)

@@ -138,7 +138,15 @@ POLICIES = {
     "static": {"policy": "static", "prefetch": False},
     "lru": {"policy": "lru", "prefetch": False},
     "expertflow": {"policy": "expertflow", "prefetch": True},
+    # LOSSY: cache-aware routing swaps a missing expert for a resident one within 0.1 of
+    # its router probability; shown beside the exact policies, never instead of them.
+    "expertflow+car (lossy)": {
+        "policy": "expertflow",
+        "prefetch": True,
+        "cache_aware_routing": 0.1,
+    },
 }
+EXACT = ("resident", "static", "lru", "expertflow")
 
 
 @dataclass
@@ -276,11 +284,21 @@ def run(
         report["policies"][policy] = entry
         report["policies"][policy]["_done"] = done
     if "resident" in report["policies"]:
-        reference = report["policies"]["resident"]["_done"]
+        resident = report["policies"]["resident"]
+        reference = resident["_done"]
         for entry in report["policies"].values():
             shared = [k for k in entry["_done"] if k in reference]
             same = sum(entry["_done"][k] == reference[k] for k in shared)
             entry["agreement_with_resident"] = same / len(shared) if shared else None
+            entry["f1_change"] = {
+                s: m["f1"] - resident["splits"][s]["f1"]
+                for s, m in entry["splits"].items()
+                if s in resident["splits"]
+            }
+            if entry.get("tokens_per_second") and resident.get("tokens_per_second"):
+                entry["speed_over_resident"] = (
+                    entry["tokens_per_second"] / resident["tokens_per_second"]
+                )
     for entry in report["policies"].values():
         del entry["_done"]
     (out / "pope.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -293,15 +311,17 @@ def markdown(report: dict) -> str:
         f"POPE: {report['model']} on {report['device']}, {report.get('slots') or report.get('budget')} "
         "slots/budget",
         "",
-        "| policy | split | accuracy | precision | recall | F1 | yes-ratio | agreement | tokens/s | hit rate |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| policy | split | accuracy | precision | recall | F1 | F1 change | yes-ratio | agreement "
+        "| tokens/s | hit rate |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for policy, entry in report["policies"].items():
         for split, m in entry["splits"].items():
             agreement = entry.get("agreement_with_resident")
             lines.append(
                 f"| {policy} | {split} | {100 * m['accuracy']:.2f} | {100 * m['precision']:.2f} | "
-                f"{100 * m['recall']:.2f} | {100 * m['f1']:.2f} | {m['yes_ratio']:.3f} | "
+                f"{100 * m['recall']:.2f} | {100 * m['f1']:.2f} | "
+                f"{100 * entry.get('f1_change', {}).get(split, 0.0):+.2f} | {m['yes_ratio']:.3f} | "
                 f"{'-' if agreement is None else f'{100 * agreement:.1f}%'} | "
                 f"{entry.get('tokens_per_second', 0):.2f} | {entry.get('hit_rate', 1.0):.3f} |"
             )
