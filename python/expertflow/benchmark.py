@@ -32,6 +32,20 @@ CONFIGS = {
     "lru+prefetch": {"policy": "lru", "prefetch": True},
     "expertflow": {"policy": "expertflow", "prefetch": True},
 }
+# The stats a summary of one run shows.
+SUMMARY = (
+    "num_slots",
+    "slot_bytes",
+    "hit_rate",
+    "hits",
+    "misses",
+    "prefetch_hits",
+    "bytes_demand",
+    "bytes_prefetch",
+    "stall_seconds",
+    "precision",
+    "recall",
+)
 DEFAULT_PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
     "Mixture-of-Experts models route each token to a few experts.",
@@ -108,22 +122,7 @@ def run(
             "same_tokens_as_resident": all(torch.equal(a, b) for a, b in zip(tokens, reference)),
         }
         if stats is not None:
-            row.update(
-                {
-                    k: stats[k]
-                    for k in (
-                        "hit_rate",
-                        "hits",
-                        "misses",
-                        "prefetch_hits",
-                        "bytes_demand",
-                        "bytes_prefetch",
-                        "stall_seconds",
-                        "num_slots",
-                        "slot_bytes",
-                    )
-                }
-            )
+            row.update({k: stats[k] for k in SUMMARY})
         results[name] = row
     bar.close()
     return {

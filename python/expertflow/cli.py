@@ -134,21 +134,7 @@ def _run(args) -> int:
         "text": loaded.tokenizer.decode(tokens.tolist()),
         "tokens_per_second": len(tokens) / seconds,
         "policy": args.policy,
-        **{
-            k: stats[k]
-            for k in (
-                "num_slots",
-                "hit_rate",
-                "hits",
-                "misses",
-                "prefetch_hits",
-                "bytes_demand",
-                "bytes_prefetch",
-                "stall_seconds",
-                "precision",
-                "recall",
-            )
-        },
+        **{k: stats[k] for k in benchmark.SUMMARY},
     }
     if args.json:
         print(json.dumps(summary, indent=2))
