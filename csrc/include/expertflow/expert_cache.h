@@ -61,6 +61,9 @@ struct LayerStats {
   double stall_seconds = 0.0;  // host time acquire spent waiting for copies
 };
 
+// Adds every counter of `other` to `total`.
+LayerStats& operator+=(LayerStats& total, const LayerStats& other);
+
 struct CacheStats : LayerStats {
   std::uint64_t acquires = 0;
   std::vector<LayerStats> layers;

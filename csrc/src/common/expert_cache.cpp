@@ -25,6 +25,29 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
 
 }  // namespace
 
+// A new counter must be added below too.
+static_assert(sizeof(LayerStats) == 16 * sizeof(std::uint64_t), "update operator+=");
+
+LayerStats& operator+=(LayerStats& total, const LayerStats& other) {
+  total.hits += other.hits;
+  total.prefetch_hits += other.prefetch_hits;
+  total.misses += other.misses;
+  total.evictions += other.evictions;
+  total.prefetch_issued += other.prefetch_issued;
+  total.prefetch_used += other.prefetch_used;
+  total.prefetch_late += other.prefetch_late;
+  total.prefetch_wasted += other.prefetch_wasted;
+  total.prefetch_cancelled += other.prefetch_cancelled;
+  total.prefetch_dropped += other.prefetch_dropped;
+  total.prefetch_failed += other.prefetch_failed;
+  total.predicted += other.predicted;
+  total.predicted_used += other.predicted_used;
+  total.bytes_demand += other.bytes_demand;
+  total.bytes_prefetch += other.bytes_prefetch;
+  total.stall_seconds += other.stall_seconds;
+  return total;
+}
+
 ExpertCache::ExpertCache(std::shared_ptr<HostPool> pool, int num_slots, const PolicyOptions& policy,
                          int prefetch_streams)
     : pool_(require(std::move(pool))),

@@ -45,18 +45,7 @@ class Caches {
   int layer_in(int layer) const { return per_layer_ ? 0 : layer; }
 
   void add_stats(LayerStats& total) {
-    for (auto& cache : caches_) {
-      CacheStats s = cache->stats();
-      total.hits += s.hits;
-      total.prefetch_hits += s.prefetch_hits;
-      total.misses += s.misses;
-      total.evictions += s.evictions;
-      total.prefetch_issued += s.prefetch_issued;
-      total.prefetch_used += s.prefetch_used;
-      total.prefetch_wasted += s.prefetch_wasted;
-      total.predicted += s.predicted;
-      total.predicted_used += s.predicted_used;
-    }
+    for (auto& cache : caches_) total += cache->stats();
   }
 
  private:
