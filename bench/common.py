@@ -45,6 +45,21 @@ def expert_bytes(model) -> int:
     )
 
 
+def describe(model) -> dict:
+    """The shape of a mixtral_like model, for result files."""
+    config = model.config
+    experts = config.num_hidden_layers * config.num_local_experts
+    return {
+        "hidden": config.hidden_size,
+        "intermediate": config.intermediate_size,
+        "layers": config.num_hidden_layers,
+        "experts_per_layer": config.num_local_experts,
+        "top_k": config.num_experts_per_tok,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "bytes_per_expert": expert_bytes(model) // experts,
+    }
+
+
 def machine() -> dict:
     cpu = next(
         (

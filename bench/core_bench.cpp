@@ -517,6 +517,15 @@ std::string stats_summary(const ef::CacheStats& s) {
 // the CPU backend, enqueued on its stream on CUDA (an acquire then makes the caller's
 // stream wait for it). The public API has no completion call, so this polls the cache's
 // prefetch byte count, sleeping between polls to leave the cores to the copy workers.
+// Notes a warning when a throughput run did not copy every expert by prefetch exactly once.
+void check_all_prefetched(Group& g, const std::string& label, const ef::CacheStats& s,
+                          std::uint64_t expected) {
+  if (s.misses != 0 || s.prefetch_issued != expected || s.prefetch_hits != expected) {
+    g.notes.push_back("WARNING: " + label + ": expected " + std::to_string(expected) +
+                      " prefetch copies and hits, no miss; stats: " + stats_summary(s));
+  }
+}
+
 void prefetch_and_wait(ef::ExpertCache& cache, int layer, const std::vector<int>& experts) {
   const ef::CacheStats before = cache.stats();
   cache.prefetch(layer, experts, {});
@@ -955,12 +964,7 @@ Group bench_cpu_copy(bool quick) {
       memcpy_row.samples.push_back(gbps(total, m));
       ratio.samples.push_back(m / p);
     }
-    ef::CacheStats s = cache.stats();
-    const std::uint64_t expected = static_cast<std::uint64_t>(reps) * experts;
-    if (s.misses != 0 || s.prefetch_issued != expected || s.prefetch_hits != expected) {
-      g.notes.push_back("WARNING: " + label + ": expected " + std::to_string(expected) +
-                        " prefetch copies and hits, no miss; stats: " + stats_summary(s));
-    }
+    check_all_prefetched(g, label, cache.stats(), static_cast<std::uint64_t>(reps) * experts);
     cache.close();
   }
   g.notes.push_back(
@@ -1047,12 +1051,7 @@ Group bench_cuda_h2d(const Env& env) {
       memcpy_row.samples.push_back(gbps(total, m));
       ratio.samples.push_back(m / p);
     }
-    ef::CacheStats s = cache.stats();
-    const std::uint64_t expected = static_cast<std::uint64_t>(reps) * experts;
-    if (s.misses != 0 || s.prefetch_issued != expected || s.prefetch_hits != expected) {
-      g.notes.push_back("WARNING: " + label + ": expected " + std::to_string(expected) +
-                        " prefetch copies and hits, no miss; stats: " + stats_summary(s));
-    }
+    check_all_prefetched(g, label, cache.stats(), static_cast<std::uint64_t>(reps) * experts);
     cache.close();
   }
 

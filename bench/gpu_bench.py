@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from common import machine
-
 from expertflow import benchmark, models
 
 

@@ -16,7 +16,7 @@ import resource
 
 import expertflow as ef
 import torch
-from common import expert_bytes, mixtral_like, save
+from common import describe, expert_bytes, mixtral_like, save
 
 
 def rss_bytes() -> int:
@@ -51,13 +51,7 @@ def main() -> None:
     # backend) and one layer in flight; the pool replaces the experts' own storage.
     ratio = (peak - baseline - (model_bytes - experts) - arena) / experts
     result = {
-        "model": {
-            "hidden": args.hidden,
-            "intermediate": args.intermediate,
-            "layers": args.layers,
-            "experts_per_layer": model.config.num_local_experts,
-            "dtype": "float32",
-        },
+        "model": describe(model),
         "expert_bytes": experts,
         "non_expert_bytes": model_bytes - experts,
         "slot_arena_bytes": arena,

@@ -17,7 +17,7 @@ import warnings
 
 import expertflow as ef
 import torch
-from common import expert_bytes, mixtral_like, save
+from common import describe, mixtral_like, save
 
 
 def decode_seconds_per_token(model, prompt: torch.Tensor, tokens: int) -> float:
@@ -70,15 +70,7 @@ def main() -> None:
 
     ratio = statistics.median(p / s for p, s in zip(patched, stock))
     result = {
-        "model": {
-            "hidden": args.hidden,
-            "intermediate": args.intermediate,
-            "layers": args.layers,
-            "experts": experts,
-            "top_k": 2,
-            "dtype": "float32",
-            "expert_bytes": expert_bytes(model),
-        },
+        "model": describe(model),
         "device": args.device,
         "tokens_per_rep": args.tokens,
         "stock_ms_per_token": [s * 1e3 for s in stock],

@@ -28,7 +28,7 @@ import warnings
 import expertflow as ef
 import expertflow.offloading
 import torch
-from common import mixtral_like, save
+from common import describe, mixtral_like, save
 from expertflow.prediction import find_router, router_choice
 
 CONFIGS = [
@@ -171,15 +171,7 @@ def main() -> None:
         f"prefetch_cpu_copy_ratio_{args.copy_ratio:g}",
         {
             "protocol": __doc__,
-            "model": {
-                "hidden": args.hidden,
-                "intermediate": args.intermediate,
-                "layers": args.layers,
-                "experts": experts,
-                "top_k": 2,
-                "dtype": "float32",
-                "expert_bytes": expert_bytes,
-            },
+            "model": describe(model),
             "slots": slots,
             "decode_tokens": args.tokens,
             "reps": args.reps,

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 from common import RESULTS, save
-
 from expertflow import traces
 
 POLICIES = ["lru", "lfu", "static", "expertflow", "belady"]

@@ -143,6 +143,7 @@ class ExpertCache {
   int take_victim(const VictimQuery& query) const;
   void assign(int slot, int key);
   void refresh_evictable(int slot);
+  void make_stale(int slot);
   bool cancel_queued_prefetch(int slot);
   CopyRequest copy_request(int slot) const;
   void ensure_issued(Lock& lock, int slot);

@@ -138,10 +138,17 @@ void ExpertCache::assign(int slot, int key) {
   view.layer = layout_.layer_of(key);
   slot_of_[key] = slot;
   ++s.generation;
+  s.prefetched = false;
+  make_stale(slot);
+}
+
+// The slot keeps its key but holds no copy of it and none is pending: the next acquire
+// copies it on demand.
+void ExpertCache::make_stale(int slot) {
+  Slot& s = slots_[slot];
   s.stale = true;
   s.loading = false;
   s.issued = true;
-  s.prefetched = false;
   s.demanded = false;
   s.ticket = 0;
   refresh_evictable(slot);
@@ -152,12 +159,7 @@ void ExpertCache::assign(int slot, int key) {
 bool ExpertCache::cancel_queued_prefetch(int slot) {
   Slot& s = slots_[slot];
   if (!s.loading || s.issued || s.ticket == 0 || !engine_.cancel(s.ticket)) return false;
-  s.loading = false;
-  s.issued = true;
-  s.stale = true;
-  s.demanded = false;
-  s.ticket = 0;
-  refresh_evictable(slot);
+  make_stale(slot);
   return true;
 }
 
@@ -534,9 +536,7 @@ void ExpertCache::on_prefetch_issued(int slot, std::uint64_t generation, const s
           std::uint64_t{layout_.bytes(views_[slot].key)});
   } else {
     count(views_[slot].layer, &LayerStats::prefetch_failed);  // copied on demand when acquired
-    s.stale = true;
-    s.loading = false;
-    refresh_evictable(slot);
+    make_stale(slot);
     slot_cv_.notify_all();
   }
   issued_cv_.notify_all();
@@ -547,12 +547,13 @@ void ExpertCache::on_prefetch_complete(int slot, std::uint64_t generation,
   Lock lock(mutex_);
   Slot& s = slots_[slot];
   if (s.generation != generation) return;
-  s.loading = false;
-  if (!error.empty()) {
+  if (error.empty()) {
+    s.loading = false;
+    refresh_evictable(slot);
+  } else {
     count(views_[slot].layer, &LayerStats::prefetch_failed);  // copied on demand when acquired
-    s.stale = true;
+    make_stale(slot);
   }
-  refresh_evictable(slot);
   slot_cv_.notify_all();
 }
 
