@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import torch
+from expertflow.models import random_mixtral
 from transformers import MixtralConfig, MixtralForCausalLM
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -34,9 +35,7 @@ def mixtral_like(
         vocab_size=1024,
         max_position_embeddings=4096,
     )
-    config._experts_implementation = "grouped_mm"
-    torch.manual_seed(seed)
-    return MixtralForCausalLM(config).to(dtype).eval()
+    return random_mixtral(config, seed).to(dtype)
 
 
 def expert_bytes(model) -> int:

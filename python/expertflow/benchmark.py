@@ -84,47 +84,65 @@ def run(
     max_new_tokens=32,
     link_gbps=None,
     configs=tuple(CONFIGS),
+    reps=3,
     progress=True,
 ) -> dict:
+    """Every configuration over `prompts`, `reps` rounds interleaved so that a slow spell
+    of a shared machine hits them all alike; each row is the round of median time.
+
+    On the CPU backend a copy is a memcpy on a host core. Torch gets one core fewer, so
+    that copies run beside the compute like a GPU's copy engine (every row, resident
+    included, runs with the same threads)."""
+    if reps < 1:
+        raise ValueError(f"reps must be at least 1, got {reps}")
     if slots is None and budget is None:
         slots = default_slots(loaded.model)
     sizing = {"slots": slots} if slots is not None else {"budget": budget}
     link = {"link_gbps": link_gbps} if link_gbps else {}
     loaded.model.to(device)
-    static_set = _calibrate(loaded, prompts[0], device, sizing, link, max_new_tokens)
-    results, reference = {}, None
-    bar = tqdm(total=len(configs) * len(prompts), desc="bench", disable=not progress)
-    for name in configs:
-        options = CONFIGS[name]
-        tokens, seconds, stats = [], 0.0, None
-        handle = None
-        if options is not None:
-            extra = {"static_experts": static_set} if name == "static" else {}
-            handle = offload(loaded.model, device, **sizing, **link, **options, **extra)
-        try:
-            for prompt in prompts:
+    threads = torch.get_num_threads()
+    if str(device).startswith("cpu"):
+        torch.set_num_threads(max(1, threads - 1))
+    try:
+        static_set = _calibrate(loaded, prompts[0], device, sizing, link, max_new_tokens)
+        rounds = {name: [] for name in configs}
+        bar = tqdm(total=reps * len(configs) * len(prompts), desc="bench", disable=not progress)
+        for _ in range(reps):
+            for name in configs:
                 bar.set_postfix_str(name)
-                out, spent = generate(loaded, prompt, max_new_tokens, device)
-                tokens.append(out)
-                seconds += spent
-                bar.update()
-            if handle is not None:
-                stats = handle.stats()
-        finally:
-            if handle is not None:
-                handle.restore()
-        reference = tokens if reference is None else reference
-        generated = sum(len(t) for t in tokens)
+                extra = {"static_experts": static_set} if name == "static" else {}
+                rounds[name].append(
+                    _one_round(
+                        loaded,
+                        prompts,
+                        device,
+                        max_new_tokens,
+                        bar,
+                        CONFIGS[name],
+                        {**sizing, **link, **extra},
+                    )
+                )
+        bar.close()
+        torch_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    reference = rounds[configs[0]][0]["tokens"]
+    results = {}
+    for name, runs in rounds.items():
+        median = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+        generated = sum(len(t) for t in median["tokens"])
         row = {
-            "tokens_per_second": generated / seconds,
-            "seconds": seconds,
+            "tokens_per_second": generated / median["seconds"],
+            "seconds": median["seconds"],
             "tokens": generated,
-            "same_tokens_as_resident": all(torch.equal(a, b) for a, b in zip(tokens, reference)),
+            "tokens_per_second_by_round": [generated / r["seconds"] for r in runs],
+            "same_tokens_as_resident": all(
+                torch.equal(a, b) for r in runs for a, b in zip(r["tokens"], reference)
+            ),
         }
-        if stats is not None:
-            row.update({k: stats[k] for k in SUMMARY})
+        if median["stats"] is not None:
+            row.update({k: median["stats"][k] for k in SUMMARY})
         results[name] = row
-    bar.close()
     return {
         "model": loaded.name,
         "device": device,
@@ -132,9 +150,31 @@ def run(
         "max_new_tokens": max_new_tokens,
         "link_gbps": link_gbps,
         **sizing,
+        "reps": reps,
+        "torch_threads": torch_threads,
         "static_set_size": len(static_set),
         "configs": results,
     }
+
+
+def _one_round(loaded, prompts, device, max_new_tokens, bar, options, offload_options) -> dict:
+    """The prompts through one configuration (None: every expert resident)."""
+    handle = (
+        None if options is None else offload(loaded.model, device, **offload_options, **options)
+    )
+    tokens, seconds, stats = [], 0.0, None
+    try:
+        for prompt in prompts:
+            out, spent = generate(loaded, prompt, max_new_tokens, device)
+            tokens.append(out)
+            seconds += spent
+            bar.update()
+        if handle is not None:
+            stats = handle.stats()
+    finally:
+        if handle is not None:
+            handle.restore()
+    return {"tokens": tokens, "seconds": seconds, "stats": stats}
 
 
 def _calibrate(loaded, prompt, device, sizing, link, max_new_tokens) -> list[tuple[int, int]]:

@@ -95,7 +95,7 @@ def _model_arguments(command) -> None:
         "--link-gbps",
         type=float,
         default=None,
-        help="on the CPU, the emulated link (default 4); elsewhere the prefetch budget",
+        help="the emulated link on the CPU (default 4 GB/s); CUDA uses the real one",
     )
     command.add_argument("--json", action="store_true")
 
@@ -165,6 +165,7 @@ def _bench(args) -> int:
         device=args.device,
         max_new_tokens=args.max_new_tokens,
         link_gbps=_link(args),
+        reps=args.reps,
         progress=not args.json,
         **sizing,
     )
@@ -209,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--prompt", action="append", help="repeat for several (default: three)")
     bench.add_argument(
         "--out", default="expertflow-bench", help="folder for bench.json and bench.png"
+    )
+    bench.add_argument(
+        "--reps", type=int, default=3, help="rounds of every config, interleaved (default 3)"
     )
     _model_arguments(bench)
     bench.set_defaults(run=_bench)

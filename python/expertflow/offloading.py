@@ -20,9 +20,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ from transformers.integrations.moe import (
 )
 
 from expertflow.core import ExpertCache, ExpertLayout, HostPool, parse_bytes, parse_device
-from expertflow.prediction import DEFAULT_LINK_GBPS, Prefetcher, find_router
+from expertflow.prediction import Prefetcher, find_router
 from expertflow.traces import Trace
 
 IMPLEMENTATION = "expertflow"
@@ -530,10 +530,9 @@ def offload(
 
     With `prefetch`, each layer predicts the experts of the next `lookahead` layers
     (`predictor`: "gate" lookahead through their routers, transition "history", or both
-    "combined") and prefetches them within the bytes the link moves in the time before
-    that layer: `link_gbps` (default: 25 on CUDA; unlimited on the CPU). On the CPU
-    backend `link_gbps` and `link_latency_us` also pace copies like that link, to emulate
-    one. `cache_aware_routing=margin` is a LOSSY mode, off by default: a token whose chosen
+    "combined") and prefetches the best, as many as that layer's tokens can use. On the
+    CPU backend `link_gbps` and `link_latency_us` pace copies like a PCIe link, to emulate
+    one (CUDA uses the real link and refuses them). `cache_aware_routing=margin` is a LOSSY mode, off by default: a token whose chosen
     expert is not resident uses a resident one whose router probability is within the
     margin. Policy options (`static_experts`, `lfu_decay`, ...) pass to ExpertCache. On
     any error the model is left as it was.
@@ -580,8 +579,9 @@ def offload(
     layout = ExpertLayout(
         len(plans), num_experts, [p.blob_bytes for p in plans for _ in range(num_experts)]
     )
-    emulated = {"link_gbps": link_gbps or 0.0, "link_latency_us": link_latency_us}
-    pool = HostPool(layout, str(torch_device), **(emulated if torch_device.type == "cpu" else {}))
+    pool = HostPool(
+        layout, str(torch_device), link_gbps=link_gbps or 0.0, link_latency_us=link_latency_us
+    )
     cache = ExpertCache(
         pool, slots=num_slots, policy=policy, prefetch_streams=prefetch_streams, **policy_options
     )
@@ -595,8 +595,6 @@ def offload(
     try:
         prefetcher = None
         if prefetch and fused:
-            if link_gbps is None:
-                link_gbps = float("inf") if torch_device.type == "cpu" else DEFAULT_LINK_GBPS
             prefetcher = Prefetcher(
                 cache,
                 [find_router(model, p.name, num_experts) if p.fused else None for p in plans],
@@ -604,7 +602,6 @@ def offload(
                 max(p.experts_per_token for p in plans),
                 predictor,
                 lookahead,
-                link_gbps * 1e9,
             )
         lossy = None
         if cache_aware_routing is not None:

@@ -12,16 +12,16 @@ Two predictors, merged:
   a layer will use again what this request has used there (request-level locality), so
   that eviction keeps those for their next use instead of treating them as unpredicted.
 
-The merged scores, highest first, are prefetched within a byte budget: link bandwidth
-times the time left before that layer (measured layer time x distance). The cache keeps
-the predictions, lets the expertflow policy use them, scores them (precision, recall) and
-cancels prefetches that turn stale.
+The merged scores, highest first, are prefetched, as many as that layer's tokens can use
+(top-k x tokens). There is no time budget: when one copy takes longer than a layer's
+compute (large experts, a GPU), a copy that cannot arrive in time still arrives earlier
+than the demand copy it replaces, and it moves in chunks, so a demand copy waits for at
+most one chunk of it. The cache keeps the predictions, lets the expertflow policy use
+them, scores them (precision, recall) and cancels prefetches that turn stale.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +29,6 @@ import torch
 from expertflow import _C
 
 PREDICTORS = ("gate", "history", "combined")
-DEFAULT_LINK_GBPS = 25.0  # a PCIe 4.0 x16 link, for the budget when none is given
 HISTORY_WEIGHT = 0.5  # the history's share of a merged score; the router's is 1
 
 
@@ -87,12 +86,7 @@ class Prefetcher:
     experts_per_token: int
     predictor: str = "combined"
     lookahead: int = 1
-    link_bytes_per_second: float = DEFAULT_LINK_GBPS * 1e9
     history: _C.TransitionPredictor = field(init=False)
-    # Moving average of a layer's compute: from its experts being ready (acquire returned)
-    # to the next layer's experts forward. Stalls are not in it.
-    layer_seconds: float = 0.0
-    _ready: float | None = field(default=None, init=False)
     _tokens: int = field(default=1, init=False)  # in the current forward
 
     def __post_init__(self) -> None:
@@ -123,12 +117,6 @@ class Prefetcher:
 
     def observe(self, layer: int, chosen: list[int], tokens: int) -> None:
         """A layer's experts forward begins, having chosen `chosen` for `tokens` tokens."""
-        if self._ready is not None and layer > 0:
-            seconds = time.perf_counter() - self._ready
-            self.layer_seconds = (
-                seconds if not self.layer_seconds else 0.8 * self.layer_seconds + 0.2 * seconds
-            )
-        self._ready = None
         self._tokens = tokens
         if layer == 0 and tokens > 1:  # a prefill: a new request
             self.history.new_request()
@@ -136,8 +124,7 @@ class Prefetcher:
 
     def prefetch(self, layer: int, gate: list[tuple[int, list[float]]]) -> None:
         """Once `layer`'s experts are ready: merges the scores for the next layers and
-        prefetches the best within budget."""
-        self._ready = time.perf_counter()
+        prefetches the best, as many as each layer's tokens can use."""
         usable = min(self.num_experts, self.experts_per_token * self._tokens)
         if self.predictor != "gate":
             # Request-level locality: what this request uses at this layer, it will likely
@@ -156,19 +143,6 @@ class Prefetcher:
             for expert, score in self.history.predict(nxt, self.num_experts):
                 candidates[expert] = candidates.get(expert, 0.0) + weight * score
         for target in sorted(merged):
-            ranked = sorted(merged[target].items(), key=lambda item: (-item[1], item[0]))
-            ranked = ranked[: self.budget(target - layer)]
+            ranked = sorted(merged[target].items(), key=lambda item: (-item[1], item[0]))[:usable]
             if ranked:
                 self.cache.prefetch(target, [e for e, _ in ranked], [s for _, s in ranked])
-
-    def budget(self, distance: int) -> int:
-        """Experts worth prefetching for a layer `distance` layers ahead: those the link
-        can still move in the time before it, after the prefetches it already owes, and no
-        more than its tokens can use. A copy that cannot arrive in time is not started: on
-        a busy link a wrong guess would delay the demand copies behind it."""
-        usable = min(self.num_experts, self.experts_per_token * self._tokens)
-        if not self.layer_seconds or math.isinf(self.link_bytes_per_second):
-            return usable
-        window = self.link_bytes_per_second * distance * self.layer_seconds
-        owed = self.cache.pending_prefetches() * self.cache.slot_bytes
-        return max(0, min(usable, int((window - owed) // self.cache.slot_bytes)))

@@ -27,10 +27,13 @@ def test_bench_runs_every_config_with_the_resident_tokens(tmp_path, capsys):
         "a short prompt",
         "--out",
         str(tmp_path),
+        "--reps",
+        "2",
         "--json",
     ]
     assert cli.main(args) == 0
     result = json.loads(capsys.readouterr().out)
+    assert all(len(row["tokens_per_second_by_round"]) == 2 for row in result["configs"].values())
     assert list(result["configs"]) == [
         "resident",
         "no cache",
@@ -42,6 +45,11 @@ def test_bench_runs_every_config_with_the_resident_tokens(tmp_path, capsys):
     assert all(row["same_tokens_as_resident"] for row in result["configs"].values())
     assert result["configs"]["no cache"]["hit_rate"] == 0.0
     assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_bad_reps_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["bench", "--reps", "0", "--out", str(tmp_path)]) == 2
+    assert "reps must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_bad_model_path_is_a_clear_error(tmp_path, capsys):
