@@ -29,6 +29,7 @@ import expertflow as ef
 import expertflow.offloading
 import torch
 from common import describe, mixtral_like, save
+from expertflow.benchmark import core_for_copies
 from expertflow.prediction import find_router, router_choice
 
 CONFIGS = [
@@ -100,6 +101,11 @@ def main() -> None:
     parser.add_argument("--copy-ratio", type=float, default=3.0)
     parser.add_argument("--reps", type=int, default=2)
     args = parser.parse_args()
+    with core_for_copies("cpu"):
+        measure(args)
+
+
+def measure(args) -> None:
 
     model = mixtral_like(args.hidden, args.intermediate, args.layers)
     experts = model.config.num_local_experts
@@ -175,6 +181,7 @@ def main() -> None:
             "slots": slots,
             "decode_tokens": args.tokens,
             "reps": args.reps,
+            "torch_threads": torch.get_num_threads(),
             "layer_decode_ms_resident": layer_seconds * 1e3,
             "copy_ratio": args.copy_ratio,
             "emulated_link_gbps": link_gbps,

@@ -14,6 +14,7 @@ through the link model (`link_gbps`), which stands in for PCIe.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -69,6 +70,19 @@ def generate(loaded, prompt: str, max_new_tokens: int, device: str) -> tuple[tor
     return out[0, ids.shape[1] :].cpu(), time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def core_for_copies(device: str):
+    """On the CPU backend a copy is a memcpy on a host core: torch gets one core fewer
+    meanwhile, so that copies run beside the compute as a GPU's copy engine does."""
+    threads = torch.get_num_threads()
+    if str(device).startswith("cpu"):
+        torch.set_num_threads(max(1, threads - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def default_slots(model) -> int:
     plans = _find_experts(model)
     return max(max(p.experts_per_token for p in plans), sum(p.num_experts for p in plans) // 4)
@@ -88,11 +102,8 @@ def run(
     progress=True,
 ) -> dict:
     """Every configuration over `prompts`, `reps` rounds interleaved so that a slow spell
-    of a shared machine hits them all alike; each row is the round of median time.
-
-    On the CPU backend a copy is a memcpy on a host core. Torch gets one core fewer, so
-    that copies run beside the compute like a GPU's copy engine (every row, resident
-    included, runs with the same threads)."""
+    of a shared machine hits them all alike; each row is the round of median time. Every
+    row, resident included, runs with the same threads (see `core_for_copies`)."""
     if reps < 1:
         raise ValueError(f"reps must be at least 1, got {reps}")
     if slots is None and budget is None:
@@ -100,10 +111,7 @@ def run(
     sizing = {"slots": slots} if slots is not None else {"budget": budget}
     link = {"link_gbps": link_gbps} if link_gbps else {}
     loaded.model.to(device)
-    threads = torch.get_num_threads()
-    if str(device).startswith("cpu"):
-        torch.set_num_threads(max(1, threads - 1))
-    try:
+    with core_for_copies(device):
         static_set = _calibrate(loaded, prompts[0], device, sizing, link, max_new_tokens)
         rounds = {name: [] for name in configs}
         bar = tqdm(total=reps * len(configs) * len(prompts), desc="bench", disable=not progress)
@@ -124,8 +132,6 @@ def run(
                 )
         bar.close()
         torch_threads = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(threads)
     reference = rounds[configs[0]][0]["tokens"]
     results = {}
     for name, runs in rounds.items():
