@@ -106,7 +106,6 @@ def main() -> None:
 
 
 def measure(args) -> None:
-
     model = mixtral_like(args.hidden, args.intermediate, args.layers)
     experts = model.config.num_local_experts
     prompt = torch.randint(

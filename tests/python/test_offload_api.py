@@ -154,6 +154,15 @@ def test_cuda_without_cuda():
     assert_unchanged(model, before)
 
 
+def test_link_model_on_cuda_is_refused():
+    # The emulated link is for the CPU backend; checked before the device is looked at.
+    model = tiny_mixtral()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="link model emulates a link on the CPU backend only"):
+        ef.offload(model, "cuda", slots=EXPERTS, link_gbps=16.0)
+    assert_unchanged(model, before)
+
+
 def test_unknown_device_string():
     with pytest.raises(ValueError, match="'tpu'"):
         ef.offload(tiny_mixtral(), "tpu", slots=EXPERTS)
