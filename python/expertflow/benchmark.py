@@ -196,9 +196,11 @@ def _calibrate(loaded, prompt, device, sizing, link, max_new_tokens) -> list[tup
 
 def table(result: dict) -> str:
     lines = [
-        f"{result['model']} on {result['device']}, "
-        f"{result.get('slots') or result.get('budget')} slots/budget, link "
-        f"{result['link_gbps'] or 'real'} GB/s",
+        (
+            f"{result['model']} on {result['device']}, "
+            f"{result.get('slots') or result.get('budget')} slots/budget, link "
+            f"{result['link_gbps'] or 'real'} GB/s"
+        ),
         f"{'config':14} {'tokens/s':>9} {'hit rate':>9} {'GiB moved':>10} {'stall s':>8}  same tokens",
     ]
     for name, row in result["configs"].items():

@@ -23,7 +23,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers.integrations.moe import (
@@ -163,7 +163,7 @@ def _arena_tensor(cache: ExpertCache, device: torch.device) -> torch.Tensor:
         return torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(address), dtype=torch.uint8)
 
     class _CudaMemory:  # __cuda_array_interface__ lets torch view memory it did not allocate
-        __cuda_array_interface__ = {
+        __cuda_array_interface__: ClassVar[dict] = {
             "shape": (nbytes,),
             "typestr": "|u1",
             "data": (address, False),

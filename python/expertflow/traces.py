@@ -68,8 +68,7 @@ class Trace:
     def write(self, path: str | Path) -> None:
         with open(path, "w") as out:
             out.write(json.dumps(self.header()) + "\n")
-            for i in range(len(self)):
-                out.write(json.dumps(self.step(i)) + "\n")
+            out.writelines(json.dumps(self.step(i)) + "\n" for i in range(len(self)))
 
     def step(self, i: int) -> dict:
         record = {

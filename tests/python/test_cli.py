@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from expertflow import cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 
-import hypothesis.strategies as st
-from hypothesis import HealthCheck, given, settings
-
 import expertflow as ef
+import hypothesis.strategies as st
 from expertflow import traces
+from hypothesis import HealthCheck, given, settings
 
 HEADER = {
     "format": "expertflow-trace",

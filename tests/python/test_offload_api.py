@@ -108,9 +108,11 @@ def test_fewer_slots_than_a_layer_needs_run_in_passes():
 
 def test_offloading_twice_is_refused():
     model = tiny_mixtral()
-    with ef.offload(model, "cpu", slots=EXPERTS):
-        with pytest.raises(ValueError, match="already offloaded"):
-            ef.offload(model, "cpu", slots=EXPERTS)
+    with (
+        ef.offload(model, "cpu", slots=EXPERTS),
+        pytest.raises(ValueError, match="already offloaded"),
+    ):
+        ef.offload(model, "cpu", slots=EXPERTS)
 
 
 def test_model_without_moe_layers():
@@ -207,9 +209,8 @@ def test_experts_implementation_without_offload_is_a_clear_error():
 
     model = tiny_mixtral()
     model.set_experts_implementation("expertflow")
-    with pytest.raises(RuntimeError, match="not offloaded by expertflow.offload"):
-        with torch.no_grad():
-            model(inputs())
+    with pytest.raises(RuntimeError, match="not offloaded by expertflow.offload"), torch.no_grad():
+        model(inputs())
 
 
 def test_decode_syncs_once_per_moe_layer(monkeypatch):

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import math
 
+import expertflow as ef
 import hypothesis.strategies as st
 from hypothesis import given, settings
-
-import expertflow as ef
 
 
 class Reference:

@@ -9,9 +9,8 @@ import zlib
 import pytest
 import tiny_models as tm
 import torch
-from PIL import Image
-
 from expertflow.eval import pope
+from PIL import Image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,11 +6,10 @@ import io
 import json
 import tarfile
 
+import expertflow as ef
 import pytest
 import tiny_models as tm
 import torch
-
-import expertflow as ef
 from expertflow import cli, traces
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -216,9 +215,8 @@ def test_recording_live_runs_replays(tmp_path):
     model, inputs = tm.build("qwen3_moe")
     path = tmp_path / "live.trace"
     with ef.offload(model, "cpu", slots=4) as handle:
-        with handle.trace(path):
-            with torch.no_grad():
-                model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        with handle.trace(path), torch.no_grad():
+            model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
         stats = handle.stats()
     trace = traces.read(path)
     prompt = inputs["input_ids"].shape[1]

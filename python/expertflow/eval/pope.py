@@ -308,11 +308,15 @@ def run(
 
 def markdown(report: dict) -> str:
     lines = [
-        f"POPE: {report['model']} on {report['device']}, {report.get('slots') or report.get('budget')} "
-        "slots/budget",
+        (
+            f"POPE: {report['model']} on {report['device']}, "
+            f"{report.get('slots') or report.get('budget')} slots/budget"
+        ),
         "",
-        "| policy | split | accuracy | precision | recall | F1 | F1 change | yes-ratio | agreement "
-        "| tokens/s | hit rate |",
+        (
+            "| policy | split | accuracy | precision | recall | F1 | F1 change | yes-ratio "
+            "| agreement | tokens/s | hit rate |"
+        ),
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for policy, entry in report["policies"].items():
