@@ -127,12 +127,14 @@ def _run(args) -> int:
         **_sizing(args, loaded.model),
         **({"link_gbps": link} if link else {}),
     ) as handle:
-        tokens, seconds = benchmark.generate(loaded, args.prompt, args.max_new_tokens, args.device)
+        out = benchmark.generate(loaded, args.prompt, args.max_new_tokens, args.device)
         stats = handle.stats()
+    tokens = out.tokens
     summary = {
         "model": loaded.name,
         "text": loaded.tokenizer.decode(tokens.tolist()),
-        "tokens_per_second": len(tokens) / seconds,
+        "tokens_per_second": len(tokens) / out.seconds,
+        "prefill_seconds": out.prefill_seconds,
         "policy": args.policy,
         **{k: stats[k] for k in benchmark.SUMMARY},
     }
@@ -142,7 +144,8 @@ def _run(args) -> int:
     print(f"{loaded.name}: {args.prompt!r} ->")
     print(summary["text"])
     print(
-        f"\n{len(tokens)} tokens at {summary['tokens_per_second']:.2f} tokens/s, {args.policy}, "
+        f"\n{len(tokens)} tokens at {summary['tokens_per_second']:.2f} tokens/s (prefill "
+        f"{out.prefill_seconds:.2f} s), {args.policy}, "
         f"{stats['num_slots']} slots: hit rate {stats['hit_rate']:.3f} "
         f"({stats['prefetch_hits']} prefetched), {stats['misses']} misses, "
         f"{(stats['bytes_demand'] + stats['bytes_prefetch']) / 2**30:.2f} GiB moved, "

@@ -14,6 +14,7 @@ def test_run_prints_text_and_stats(capsys):
     assert cli.main(["run", "--max-new-tokens", "4", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["num_slots"] == 16 and summary["misses"] > 0
+    assert 0.0 < summary["prefill_seconds"] < 4 / summary["tokens_per_second"]
     assert 0.0 <= summary["hit_rate"] <= 1.0 and summary["tokens_per_second"] > 0
 
 
@@ -32,7 +33,9 @@ def test_bench_runs_every_config_with_the_resident_tokens(tmp_path, capsys):
     ]
     assert cli.main(args) == 0
     result = json.loads(capsys.readouterr().out)
-    assert all(len(row["tokens_per_second_by_round"]) == 2 for row in result["configs"].values())
+    for row in result["configs"].values():
+        assert len(row["tokens_per_second_by_round"]) == 2
+        assert 0.0 < row["prefill_seconds"] < row["seconds"] and row["decode_tokens_per_second"] > 0
     assert list(result["configs"]) == [
         "resident",
         "no cache",
