@@ -5,7 +5,9 @@ The CPU backend's link model stands in for PCIe. Its speed is scaled to the mode
 expert's copy takes `--copy-ratio` times the measured decode time of one layer with every
 expert resident (default 3, about what Qwen3-30B-A3B's 9.4 MB bf16 experts cost over a
 25 GB/s PCIe 4.0 link against one layer's decode on a 24 GB GPU). Every configuration
-runs the same prompts at the same budget (a quarter of the experts) in one process:
+runs the same prompts at the same budget (a quarter of the experts) in one process, with
+torch on one core fewer than the machine has so that the copies have one
+(`expertflow.benchmark.core_for_copies`):
 
     lru            no prediction: every miss is a demand copy
     lru+prefetch   LRU eviction, combined predictor, prefetch one layer ahead
