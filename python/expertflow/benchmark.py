@@ -43,6 +43,7 @@ SUMMARY = (
     "hits",
     "misses",
     "prefetch_hits",
+    "prefetch_issued",
     "bytes_demand",
     "bytes_prefetch",
     "stall_seconds",
