@@ -61,11 +61,7 @@ DEFAULT_PROMPTS = [
 class Generated:
     tokens: torch.Tensor  # the new tokens
     seconds: float  # all of generate()
-    prefill_seconds: float  # to the first new token: the prompt's forward
-
-    @property
-    def decode_seconds(self) -> float:  # the other new tokens, one forward each
-        return self.seconds - self.prefill_seconds
+    prefill_seconds: float  # to the first new token: the prompt's forward; then decode
 
 
 class _TokenClock(BaseStreamer):

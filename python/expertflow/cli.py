@@ -12,7 +12,7 @@ import json
 import sys
 
 from expertflow import build_info, traces
-from expertflow.core import parse_bytes
+from expertflow.core import parse_bytes, parse_device
 
 POLICIES = ("lru", "lfu", "static", "expertflow", "belady")
 
@@ -114,9 +114,26 @@ def _link(args) -> float | None:
     return args.link_gbps if args.link_gbps or not args.device.startswith("cpu") else 4.0
 
 
+def _check_device(device: str) -> None:
+    """A clear error for a device this machine cannot use, before a model moves there."""
+    kind, index = parse_device(device)
+    if kind == "cpu":
+        return
+    import torch
+
+    cuda = build_info()["backends"]["cuda"]
+    if not cuda["usable"]:
+        raise ValueError(f"--device {device}: CUDA is not usable here ({cuda['reason']})")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch {torch.__version__} has no CUDA")
+    if index >= cuda["device_count"]:
+        raise ValueError(f"--device {device}: this machine has {cuda['device_count']} GPU(s)")
+
+
 def _run(args) -> int:
     from expertflow import benchmark, models, offload
 
+    _check_device(args.device)
     loaded = models.load(args.model, args.dtype)
     loaded.model.to(args.device)
     link = _link(args)
@@ -161,6 +178,7 @@ def _bench(args) -> int:
 
     from expertflow import benchmark, models
 
+    _check_device(args.device)
     loaded = models.load(args.model, args.dtype)
     sizing = _sizing(args, loaded.model)
     result = benchmark.run(
@@ -185,6 +203,7 @@ def _bench(args) -> int:
 def _eval_pope(args) -> int:
     from expertflow.eval import pope
 
+    _check_device(args.device)
     vlm = pope.from_pretrained(args.model, args.dtype, args.device)
     vlm.model.to(args.device)
     questions = pope.load_questions(args.questions, labels=args.labels)

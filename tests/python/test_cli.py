@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from expertflow import cli
+from expertflow import build_info, cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,6 +52,16 @@ def test_bench_runs_every_config_with_the_resident_tokens(tmp_path, capsys):
 def test_bad_reps_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["bench", "--reps", "0", "--out", str(tmp_path)]) == 2
     assert "reps must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(build_info()["backends"]["cuda"]["usable"], reason="CUDA is usable here")
+@pytest.mark.parametrize("command", ["run", "bench", "eval-pope"])
+def test_unusable_device_is_a_clear_error(command, tmp_path, capsys):
+    args = [command, "--device", "cuda"]
+    if command == "eval-pope":
+        args += ["--model", str(tmp_path), "--questions", str(tmp_path), "--images", str(tmp_path)]
+    assert cli.main(args) == 2
+    assert "--device cuda: CUDA is not usable here" in capsys.readouterr().err
 
 
 def test_bad_model_path_is_a_clear_error(tmp_path, capsys):
