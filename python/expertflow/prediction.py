@@ -12,16 +12,19 @@ Two predictors, merged:
   a layer will use again what this request has used there (request-level locality), so
   that eviction keeps those for their next use instead of treating them as unpredicted.
 
-The merged scores, highest first, are prefetched, as many as that layer's tokens can use
-(top-k x tokens). There is no time budget: when one copy takes longer than a layer's
-compute (large experts, a GPU), a copy that cannot arrive in time still arrives earlier
-than the demand copy it replaces, and it moves in chunks, so a demand copy waits for at
-most one chunk of it. The cache keeps the predictions, lets the expertflow policy use
-them, scores them (precision, recall) and cancels prefetches that turn stale.
+The merged candidates, best first and at most as many as that layer's tokens can use
+(top-k x tokens), are prefetched while a copy pays on average (`Prefetcher.worth`): one
+that is used hides the compute time before its layer, one that is not holds the link for
+the rest of a copy, delaying the demand copies behind it. So when copies are short
+against a layer every candidate goes, and when the link is the bottleneck only those
+ranks that are right often enough. The cache keeps the predictions, lets the expertflow
+policy use them, scores them (precision, recall) and cancels prefetches that turn stale.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -86,8 +89,16 @@ class Prefetcher:
     experts_per_token: int
     predictor: str = "combined"
     lookahead: int = 1
+    link_bytes_per_second: float = math.inf  # the link copies share; inf: copies are free
     history: _C.TransitionPredictor = field(init=False)
+    # Moving average of a layer's compute: from its experts being ready (acquire returned)
+    # to the next layer's experts forward. Stalls are not in it.
+    layer_seconds: float = 0.0
+    _ready: float | None = field(default=None, init=False)
     _tokens: int = field(default=1, init=False)  # in the current forward
+    # How often the candidate at each rank was chosen, over decode steps: [seen, used].
+    _ranks: list[list[int]] = field(init=False)
+    _ranked: dict[int, list[int]] = field(default_factory=dict, init=False)  # per layer
 
     def __post_init__(self) -> None:
         if self.predictor not in PREDICTORS:
@@ -95,6 +106,7 @@ class Prefetcher:
         if self.lookahead < 1:
             raise ValueError(f"lookahead must be at least 1 layer, got {self.lookahead}")
         self.history = _C.TransitionPredictor(len(self.routers), self.num_experts)
+        self._ranks = [[0, 0] for _ in range(self.num_experts)]
 
     def gate_scores(
         self, layer: int, hidden_states: torch.Tensor
@@ -117,6 +129,17 @@ class Prefetcher:
 
     def observe(self, layer: int, chosen: list[int], tokens: int) -> None:
         """A layer's experts forward begins, having chosen `chosen` for `tokens` tokens."""
+        if self._ready is not None and layer > 0:
+            seconds = time.perf_counter() - self._ready
+            self.layer_seconds = (
+                seconds if not self.layer_seconds else 0.8 * self.layer_seconds + 0.2 * seconds
+            )
+        self._ready = None
+        ranked = self._ranked.pop(layer, [])
+        if tokens == 1:
+            for rank, expert in enumerate(ranked):
+                self._ranks[rank][0] += 1
+                self._ranks[rank][1] += expert in chosen
         self._tokens = tokens
         if layer == 0 and tokens > 1:  # a prefill: a new request
             self.history.new_request()
@@ -124,7 +147,8 @@ class Prefetcher:
 
     def prefetch(self, layer: int, gate: list[tuple[int, list[float]]]) -> None:
         """Once `layer`'s experts are ready: merges the scores for the next layers and
-        prefetches the best, as many as each layer's tokens can use."""
+        prefetches the best that are worth a copy."""
+        self._ready = time.perf_counter()
         usable = min(self.num_experts, self.experts_per_token * self._tokens)
         if self.predictor != "gate":
             # Request-level locality: what this request uses at this layer, it will likely
@@ -144,5 +168,21 @@ class Prefetcher:
                 candidates[expert] = candidates.get(expert, 0.0) + weight * score
         for target in sorted(merged):
             ranked = sorted(merged[target].items(), key=lambda item: (-item[1], item[0]))[:usable]
-            if ranked:
-                self.cache.prefetch(target, [e for e, _ in ranked], [s for _, s in ranked])
+            self._ranked[target] = [e for e, _ in ranked]
+            worth = [c for rank, c in enumerate(ranked) if self.worth(rank, target - layer)]
+            if worth:
+                self.cache.prefetch(target, [e for e, _ in worth], [s for _, s in worth])
+
+    def worth(self, rank: int, distance: int) -> bool:
+        """Whether prefetching the candidate at `rank` for a layer `distance` ahead pays on
+        average. With p how often that rank was chosen (measured, from even odds) and h the
+        share of a copy the compute before that layer can hide: used, it saves h of a copy;
+        unused, it costs the 1 - h of a copy the link spends on it with demand copies
+        waiting. Worth it when p h >= (1 - p)(1 - h)."""
+        if math.isinf(self.link_bytes_per_second) or not self.layer_seconds:
+            return True
+        copy_seconds = self.cache.slot_bytes / self.link_bytes_per_second
+        hidden = min(1.0, distance * self.layer_seconds / copy_seconds)
+        seen, used = self._ranks[rank]
+        p = (used + 1) / (seen + 2)
+        return p * hidden >= (1 - p) * (1 - hidden)

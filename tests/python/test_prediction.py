@@ -8,7 +8,7 @@ import expertflow.offloading
 import pytest
 import tiny_models as tm
 import torch
-from expertflow.prediction import find_router, router_choice
+from expertflow.prediction import Prefetcher, find_router, router_choice
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NEW_TOKENS = 16
@@ -146,3 +146,45 @@ def test_cache_aware_routing_is_lossy_opt_in_and_saves_copies():
     with pytest.raises(ValueError, match="cache_aware_routing is a margin >= 0, got -1"):
         ef.offload(model, "cpu", slots=4, cache_aware_routing=-1)
     assert torch.equal(generate(model, inputs), reference)
+
+
+class _RecordingCache:
+    """What Prefetcher needs of a cache, recording the prefetches it asks for."""
+
+    slot_bytes = 1000
+
+    def __init__(self) -> None:
+        self.prefetched: list[tuple[int, list[int]]] = []
+
+    def prefetch(self, layer, experts, scores) -> None:
+        self.prefetched.append((layer, list(experts)))
+
+
+def test_a_prefetch_goes_when_it_pays_for_the_link():
+    """Rank 0 is always chosen, rank 1 half the time. When compute hides a copy, both are
+    worth prefetching; when it hides a tenth, a wrong guess costs nine tenths of a copy,
+    and only the rank that is nearly always right is prefetched."""
+    cache = _RecordingCache()
+    prefetcher = Prefetcher(cache, [None, None], 4, 2, "gate", 1, link_bytes_per_second=1e6)
+    scores = [(1, [0.0, 0.0, 0.9, 0.5])]  # layer 1: expert 2 first, then expert 3
+    for step in range(40):  # decode steps
+        prefetcher.observe(0, [0, 1], tokens=1)
+        prefetcher.prefetch(0, scores)
+        prefetcher.observe(1, [2, 3] if step % 2 else [2, 1], tokens=1)
+    copy_seconds = cache.slot_bytes / prefetcher.link_bytes_per_second
+
+    prefetcher.layer_seconds = copy_seconds  # the copy fits in the compute before layer 1
+    assert prefetcher.worth(0, 1) and prefetcher.worth(1, 1)
+    prefetcher.layer_seconds = copy_seconds / 10
+    assert prefetcher.worth(0, 1) and not prefetcher.worth(1, 1)
+    assert prefetcher.worth(1, 10)  # ten layers ahead, the compute hides it again
+
+    cache.prefetched.clear()
+    prefetcher.observe(0, [0, 1], tokens=1)
+    prefetcher.layer_seconds = copy_seconds / 10
+    prefetcher.prefetch(0, scores)
+    assert cache.prefetched == [(1, [2])]
+
+    free = Prefetcher(cache, [None, None], 4, 2, "gate", 1)  # no link model: copies are free
+    free.layer_seconds = copy_seconds / 10
+    assert free.worth(1, 1)
