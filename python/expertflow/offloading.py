@@ -532,12 +532,14 @@ def offload(
 
     With `prefetch`, each layer predicts the experts of the next `lookahead` layers
     (`predictor`: "gate" lookahead through their routers, transition "history", or both
-    "combined") and prefetches the best, as many as that layer's tokens can use. On the
-    CPU backend `link_gbps` and `link_latency_us` pace copies like a PCIe link, to emulate
-    one (CUDA uses the real link and refuses them). `cache_aware_routing=margin` is a
-    LOSSY mode, off by default: a token whose chosen expert is not resident uses a resident
-    one whose router probability is within the margin. Policy options (`static_experts`, `lfu_decay`, ...) pass to ExpertCache. On
-    any error the model is left as it was.
+    "combined") and prefetches the best of them whose copy pays on average, given how often
+    their rank was right and how much of a copy the compute hides (see
+    expertflow.prediction). On the CPU backend `link_gbps` and `link_latency_us` pace
+    copies like a PCIe link, to emulate one (CUDA uses the real link and refuses them).
+    `cache_aware_routing=margin` is a LOSSY mode, off by default: a token whose chosen
+    expert is not resident uses a resident one whose router probability is within the
+    margin. Policy options (`static_experts`, `lfu_decay`, ...) pass to ExpertCache. On any
+    error the model is left as it was.
     """
     parse_device(device)  # "cpu", "cuda" or "cuda:N", with a clear error otherwise
     torch_device = torch.device(device)
