@@ -12,6 +12,9 @@ torch on one core fewer than the machine has so that the copies have one
     lru            no prediction: every miss is a demand copy
     lru+prefetch   LRU eviction, combined predictor, prefetch one layer ahead
     expertflow     LRU plus prediction for eviction, same prefetch
+    expertflow, every candidate
+                   the same without the pay-off rule (Prefetcher.worth): every ranked
+                   candidate is prefetched, to show what the rule saves
 
 Gate-lookahead recall at distance d: for each decode step and MoE layer l, layer l+d's
 router applied to layer l's input; the share of the experts layer l+d really chose that
@@ -23,6 +26,7 @@ it names (no cache involved).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 import warnings
@@ -38,7 +42,14 @@ CONFIGS = [
     ("lru", {"policy": "lru", "prefetch": False}),
     ("lru+prefetch", {"policy": "lru", "prefetch": True}),
     ("expertflow", {"policy": "expertflow", "prefetch": True}),
+    ("expertflow, every candidate", {"policy": "expertflow", "prefetch": True}),
 ]
+
+
+def prefetch_every_candidate(model) -> None:
+    """Turns the pay-off rule off: the prefetcher (one per offload) is told copies are free."""
+    runner = ef.offloading._find_experts(model)[0].module.__dict__["_expertflow"]
+    runner.prefetcher.link_bytes_per_second = math.inf
 
 
 def decode(model, prompt: torch.Tensor, tokens: int, after_prefill=None) -> float:
@@ -134,6 +145,8 @@ def measure(args) -> None:
     for _ in range(args.reps):
         for name, options in CONFIGS:
             with ef.offload(model, "cpu", slots=slots, link_gbps=link_gbps, **options) as handle:
+                if name.endswith("every candidate"):
+                    prefetch_every_candidate(model)
                 seconds = decode(model, prompt, args.tokens, after_prefill=handle.reset_stats)
                 stats = handle.stats()  # of the decode steps
                 with torch.no_grad():
@@ -163,12 +176,12 @@ def measure(args) -> None:
         summary[name] = medians
     base = summary["lru"]["ms_per_token"]
     print(
-        f"{'config':14} {'ms/token':>9} {'stall ms':>9} {'speed-up':>9} {'misses':>7} "
+        f"{'config':28} {'ms/token':>9} {'stall ms':>9} {'speed-up':>9} {'misses':>7} "
         f"{'hit rate':>9} {'precision':>9} {'recall':>7}"
     )
     for name, row in summary.items():
         print(
-            f"{name:14} {row['ms_per_token']:9.1f} {row['stall_ms_per_token']:9.1f} "
+            f"{name:28} {row['ms_per_token']:9.1f} {row['stall_ms_per_token']:9.1f} "
             f"{base / row['ms_per_token']:9.2f} {row['misses']:7.0f} {row['hit_rate']:9.3f} "
             f"{row['precision']:9.3f} {row['recall']:7.3f}"
         )

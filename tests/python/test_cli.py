@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from expertflow import build_info, cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,3 +97,36 @@ def test_run_on_a_local_checkpoint(tmp_path, capsys):
     assert cli.main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["model"] == tmp_path.name and summary["num_slots"] == 4 and summary["misses"] > 0
+
+
+def test_the_bench_leaves_the_cpu_copies_a_core():
+    from expertflow.benchmark import core_for_copies
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with core_for_copies("cpu"):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with core_for_copies("cuda"):  # a GPU's copies take no host core
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_random_models_draw_the_embedding_in_proportion_to_the_width():
+    from expertflow.models import EMBEDDING_STD_PER_WIDTH, random_mixtral
+    from transformers import MixtralConfig
+
+    for hidden in (64, 256):
+        config = MixtralConfig(
+            hidden_size=hidden,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            vocab_size=512,
+        )
+        std = random_mixtral(config).get_input_embeddings().weight.std().item()
+        assert std == pytest.approx(EMBEDDING_STD_PER_WIDTH * hidden, rel=0.05)

@@ -72,3 +72,28 @@ def test_offload_is_bit_identical_with_batched_mm(arch: str) -> None:
         assert handle.stats()["evictions"] > 0
     assert torch.equal(logits, reference_logits)
     assert torch.equal(tokens, reference_tokens)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("policy", ["lru", "expertflow"])
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "qwen3_vl_moe"])
+def test_offload_is_exact_on_cuda(arch: str, policy: str) -> None:
+    """The same check on a GPU, with prefetch (and so the measured link) in play."""
+    if not torch.cuda.is_available():
+        pytest.skip(f"torch {torch.__version__} has no CUDA")
+    model, inputs = tm.build(arch, seed=0)
+    model.to("cuda")
+    inputs = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    reference_logits, reference_tokens = run(model, inputs)
+    slots = quarter_of_the_experts(model)
+
+    with ef.offload(model, "cuda", slots=slots, policy=policy) as handle:
+        logits, tokens = run(model, inputs)
+        stats = handle.stats()
+
+    assert torch.equal(tokens, reference_tokens)
+    # float32 summed in slot order rather than expert order, by GPU kernels
+    torch.testing.assert_close(logits, reference_logits, rtol=1e-4, atol=1e-5)
+    assert stats["misses"] > 0 and stats["prefetch_issued"] > 0, stats
+    restored_logits, _ = run(model, inputs)
+    assert torch.equal(restored_logits, reference_logits)

@@ -66,6 +66,16 @@ IMAGE_END_TOKEN_ID = VOCAB_SIZE - 3
 VIDEO_TOKEN_ID = VOCAB_SIZE - 4
 VIDEO_START_TOKEN_ID = VOCAB_SIZE - 5
 VIDEO_END_TOKEN_ID = VOCAB_SIZE - 6
+# The special-token arguments of the configs that mark images and videos apart (GLM-4.5V,
+# ERNIE-VL).
+MEDIA_TOKEN_IDS = {
+    "image_token_id": IMAGE_TOKEN_ID,
+    "video_token_id": VIDEO_TOKEN_ID,
+    "image_start_token_id": IMAGE_START_TOKEN_ID,
+    "image_end_token_id": IMAGE_END_TOKEN_ID,
+    "video_start_token_id": VIDEO_START_TOKEN_ID,
+    "video_end_token_id": VIDEO_END_TOKEN_ID,
+}
 _TEXT_LO, _TEXT_HI = 8, VOCAB_SIZE - 8
 
 PROMPT_LEN = 12  # LLM prompt length
@@ -430,12 +440,7 @@ def _vlm_config(arch: str):
         return T.Glm4vMoeConfig(
             text_config=text,
             vision_config=vision,
-            image_token_id=IMAGE_TOKEN_ID,
-            video_token_id=VIDEO_TOKEN_ID,
-            image_start_token_id=IMAGE_START_TOKEN_ID,
-            image_end_token_id=IMAGE_END_TOKEN_ID,
-            video_start_token_id=VIDEO_START_TOKEN_ID,
-            video_end_token_id=VIDEO_END_TOKEN_ID,
+            **MEDIA_TOKEN_IDS,
         )
     if arch == "aria":
         max_size = IMAGE_PROCESSORS[arch]["kwargs"]["max_image_size"]
@@ -493,12 +498,7 @@ def _vlm_config(arch: str):
         return T.Ernie4_5_VLMoeConfig(
             text_config=text,
             vision_config=vision,
-            image_token_id=IMAGE_TOKEN_ID,
-            video_token_id=VIDEO_TOKEN_ID,
-            image_start_token_id=IMAGE_START_TOKEN_ID,
-            image_end_token_id=IMAGE_END_TOKEN_ID,
-            video_start_token_id=VIDEO_START_TOKEN_ID,
-            video_end_token_id=VIDEO_END_TOKEN_ID,
+            **MEDIA_TOKEN_IDS,
             # untied (the checkpoint ties them): with tied embeddings this tiny random model just
             # repeats the last prompt token
             tie_word_embeddings=False,
