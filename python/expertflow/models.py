@@ -51,8 +51,9 @@ class Loaded:
 # (std 0.02 everywhere) makes each update about as large as the stream, and routing a
 # fresh draw at every layer. The embedding is drawn larger instead, in proportion to the
 # width since each layer's update grows with it, so that random models route the way
-# trained ones do for prediction's sake: gate-lookahead recall one layer ahead measured
-# 0.83 / 0.83 / 0.82 at hidden 512 / 1024 / 2048 (bench/prefetch_bench.py prints it).
+# trained ones do for prediction's sake: gate-lookahead recall one layer ahead is 0.80 at
+# hidden 1024 (bench/results/prefetch_cpu_copy_ratio_*.json); a one-off check on other
+# prompts gave 0.83 / 0.83 / 0.82 at hidden 512 / 1024 / 2048.
 EMBEDDING_STD_PER_WIDTH = 0.3 / 512
 
 
