@@ -115,18 +115,12 @@ def test_the_bench_leaves_the_cpu_copies_a_core():
 
 
 def test_random_models_draw_the_embedding_in_proportion_to_the_width():
+    import tiny_models as tm
     from expertflow.models import EMBEDDING_STD_PER_WIDTH, random_mixtral
     from transformers import MixtralConfig
 
-    for hidden in (64, 256):
-        config = MixtralConfig(
-            hidden_size=hidden,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            num_local_experts=4,
-            vocab_size=512,
-        )
+    base = tm.build_config("mixtral").to_dict()
+    for hidden in (2 * base["hidden_size"], 8 * base["hidden_size"]):
+        config = MixtralConfig(**{**base, "hidden_size": hidden})
         std = random_mixtral(config).get_input_embeddings().weight.std().item()
         assert std == pytest.approx(EMBEDDING_STD_PER_WIDTH * hidden, rel=0.05)
