@@ -24,7 +24,8 @@ import torch
 from tqdm import tqdm
 from transformers.generation.streamers import BaseStreamer
 
-from expertflow.offloading import _find_experts, offload
+from expertflow.experts import find_experts
+from expertflow.offloading import offload
 from expertflow.traces import calibrate_static
 
 CONFIGS = {
@@ -111,7 +112,7 @@ def core_for_copies(device: str):
 
 
 def default_slots(model) -> int:
-    plans = _find_experts(model)
+    plans = find_experts(model)
     return max(max(p.experts_per_token for p in plans), sum(p.num_experts for p in plans) // 4)
 
 

@@ -79,6 +79,50 @@ def router_choice(router: torch.nn.Module, hidden_states: torch.Tensor):
     return index, weights
 
 
+class LayerClock:
+    """Times the compute between a layer's experts being ready and the next layer's experts
+    forward, leaving out waits for copies on both backends. On the CPU a miss blocks acquire
+    on the host, so the host clock started after acquire returns has none of it. On CUDA the
+    host runs ahead and the compute stream waits instead, so the marks are events on that
+    stream: the start is recorded after acquire's waits, so it completes once the copies
+    have. The stop is recorded before the next layer's read, which waits for it, so
+    `seconds()` never blocks."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self._start_event = torch.cuda.Event(enable_timing=True)
+            self._stop_event = torch.cuda.Event(enable_timing=True)
+        self._started = self._stopped = False
+        self._start = self._stop = 0.0
+
+    def start(self) -> None:
+        if self.cuda:
+            self._start_event.record(torch.cuda.current_stream(self.device))
+        else:
+            self._start = time.perf_counter()
+        self._started, self._stopped = True, False
+
+    def stop(self) -> None:
+        if not self._started or self._stopped:
+            return
+        if self.cuda:
+            self._stop_event.record(torch.cuda.current_stream(self.device))
+        else:
+            self._stop = time.perf_counter()
+        self._stopped = True
+
+    def seconds(self) -> float | None:
+        """The interval from start to stop, once; None without both."""
+        if not (self._started and self._stopped):
+            return None
+        self._started = False
+        if self.cuda:
+            return self._start_event.elapsed_time(self._stop_event) / 1e3
+        return self._stop - self._start
+
+
 @dataclass
 class Prefetcher:
     """Predicts the next layers' experts and prefetches them; one per offload()."""
@@ -90,23 +134,29 @@ class Prefetcher:
     predictor: str = "combined"
     lookahead: int = 1
     link_bytes_per_second: float = math.inf  # the link copies share; inf: copies are free
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     history: _C.TransitionPredictor = field(init=False)
-    # Moving average of a layer's compute: from its experts being ready (acquire returned)
-    # to the next layer's experts forward. Stalls are not in it.
+    # Moving average of a layer's compute: from its experts being ready to the next layer's
+    # experts forward (LayerClock). Waits for copies are not in it.
     layer_seconds: float = 0.0
-    _ready: float | None = field(default=None, init=False)
+    clock: LayerClock = field(init=False)
     _tokens: int = field(default=1, init=False)  # in the current forward
     # How often the candidate at each rank was chosen, over decode steps: [seen, used].
     _ranks: list[list[int]] = field(init=False)
     _ranked: dict[int, list[int]] = field(default_factory=dict, init=False)  # per layer
 
+    @staticmethod
+    def check(predictor: str, lookahead: int) -> None:
+        if predictor not in PREDICTORS:
+            raise ValueError(f"unknown predictor {predictor!r}; choose one of {PREDICTORS}")
+        if lookahead < 1:
+            raise ValueError(f"lookahead must be at least 1 layer, got {lookahead}")
+
     def __post_init__(self) -> None:
-        if self.predictor not in PREDICTORS:
-            raise ValueError(f"unknown predictor {self.predictor!r}; choose one of {PREDICTORS}")
-        if self.lookahead < 1:
-            raise ValueError(f"lookahead must be at least 1 layer, got {self.lookahead}")
+        self.check(self.predictor, self.lookahead)
         self.history = _C.TransitionPredictor(len(self.routers), self.num_experts)
         self._ranks = [[0, 0] for _ in range(self.num_experts)]
+        self.clock = LayerClock(self.device)
 
     def gate_scores(
         self, layer: int, hidden_states: torch.Tensor
@@ -127,14 +177,18 @@ class Prefetcher:
             scored.append((target, scores))
         return scored
 
+    def layer_ends(self) -> None:
+        """A layer's experts forward begins: the compute since the last layer's experts were
+        ready ends here (before this layer reads its routing)."""
+        self.clock.stop()
+
     def observe(self, layer: int, chosen: list[int], tokens: int) -> None:
-        """A layer's experts forward begins, having chosen `chosen` for `tokens` tokens."""
-        if self._ready is not None and layer > 0:
-            seconds = time.perf_counter() - self._ready
+        """The layer has read its routing: it chose `chosen` for `tokens` tokens."""
+        seconds = self.clock.seconds()
+        if seconds is not None and layer > 0:
             self.layer_seconds = (
                 seconds if not self.layer_seconds else 0.8 * self.layer_seconds + 0.2 * seconds
             )
-        self._ready = None
         ranked = self._ranked.pop(layer, [])
         if tokens == 1:
             for rank, expert in enumerate(ranked):
@@ -148,7 +202,7 @@ class Prefetcher:
     def prefetch(self, layer: int, gate: list[tuple[int, list[float]]]) -> None:
         """Once `layer`'s experts are ready: merges the scores for the next layers and
         prefetches the best that are worth a copy."""
-        self._ready = time.perf_counter()
+        self.clock.start()
         usable = min(self.num_experts, self.experts_per_token * self._tokens)
         if self.predictor != "gate":
             # Request-level locality: what this request uses at this layer, it will likely

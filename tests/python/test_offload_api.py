@@ -134,7 +134,7 @@ def test_model_without_moe_layers():
 def test_budget_below_the_minimum_names_it_in_bytes_and_slots(kwargs):
     model = tiny_mixtral()
     before = snapshot(model)
-    slot_bytes = ef.offloading._align(max(p.blob_bytes for p in _plans(model)))
+    slot_bytes = ef.experts.align(max(p.blob_bytes for p in _plans(model)))
     with pytest.raises(ValueError, match=rf"minimum of 2 slots = {2 * slot_bytes} bytes"):
         ef.offload(model, "cpu", **kwargs)
     assert_unchanged(model, before)
@@ -213,23 +213,56 @@ def test_experts_implementation_without_offload_is_a_clear_error():
         model(inputs())
 
 
-def test_decode_syncs_once_per_moe_layer(monkeypatch):
-    """The experts forward reads the chosen experts once (Tensor.tolist) and nothing else."""
-    model = tiny_mixtral()
+# Every way a tensor reaches the host that would synchronise with a CUDA device.
+_HOST_READS = [
+    (torch.Tensor, "tolist"),
+    (torch.Tensor, "item"),
+    (torch.Tensor, "cpu"),
+    (torch.Tensor, "nonzero"),
+    (torch, "nonzero"),
+    (torch, "unique"),
+    (torch.Tensor, "unique"),
+]
+
+
+def _host_reads_during(monkeypatch, run) -> int:
     calls = []
-    real_tolist = torch.Tensor.tolist
+    for owner, name in _HOST_READS:
+        real = getattr(owner, name)
 
-    def counting_tolist(self):
-        calls.append(tuple(self.shape))
-        return real_tolist(self)
+        def counting(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
 
-    with ef.offload(model, "cpu", slots=EXPERTS + 4):
-        monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
-        with torch.no_grad():
-            model(inputs()[:, :1])
+        monkeypatch.setattr(owner, name, counting)
+    try:
+        run()
+    finally:
         monkeypatch.undo()
-    assert len(calls) == LAYERS
+    return len(calls)
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_decode_reads_the_host_once_per_moe_layer(monkeypatch, prefetch):
+    """A decode step adds exactly one read per MoE layer (HostReads.read) to the stock
+    model's, and no tolist, item, cpu, nonzero or unique (each syncs on CUDA). The same
+    rule holds on CUDA under torch's sync debug mode (test_offload_exact.py)."""
+    model = tiny_mixtral()
+    step = inputs()[:, :1]
+
+    def forward():
+        with torch.no_grad():
+            model(step)
+
+    stock = _host_reads_during(monkeypatch, forward)
+    with ef.offload(model, "cpu", slots=EXPERTS + 4, prefetch=prefetch) as handle:
+        reads = handle._slots.reads
+        forward()  # a first step learns, as decode does
+        before = reads.reads
+        offloaded = _host_reads_during(monkeypatch, forward)
+        assert reads.reads - before == LAYERS
+    assert offloaded == stock
 
 
 def _plans(model):
-    return ef.offloading._find_experts(model)
+    return ef.experts.find_experts(model)

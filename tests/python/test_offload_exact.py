@@ -34,7 +34,7 @@ def run(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quarter_of_the_experts(model) -> int:
-    total = sum(p.num_experts for p in ef.offloading._find_experts(model))
+    total = sum(p.num_experts for p in ef.experts.find_experts(model))
     return max(tm.TOP_K, total // 4)
 
 
