@@ -14,6 +14,8 @@ import sys
 from expertflow import build_info, traces
 from expertflow.core import parse_bytes, parse_device
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # expertflow.models.DTYPES, without torch
+
 POLICIES = ("lru", "lfu", "static", "expertflow", "belady")
 
 
@@ -84,7 +86,9 @@ def _model_arguments(command) -> None:
     command.add_argument(
         "--model", default=None, help="a local checkpoint directory (default: the embedded model)"
     )
-    command.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    command.add_argument(
+        "--dtype", default="auto", choices=DTYPES, help="default: the checkpoint's own"
+    )
     command.add_argument("--device", default="cpu")
     command.add_argument(
         "--budget", default=None, help="bytes or e.g. 12GiB (default: a quarter of the experts)"
@@ -134,8 +138,7 @@ def _run(args) -> int:
     from expertflow import benchmark, models, offload
 
     _check_device(args.device)
-    loaded = models.load(args.model, args.dtype)
-    loaded.model.to(args.device)
+    loaded = models.load(args.model, args.dtype)  # on the host: offload() moves what it must
     link = _link(args)
     with offload(
         loaded.model,
@@ -149,6 +152,7 @@ def _run(args) -> int:
     tokens = out.tokens
     summary = {
         "model": loaded.name,
+        "dtype": str(next(iter(loaded.model.parameters())).dtype).removeprefix("torch."),
         "text": loaded.tokenizer.decode(tokens.tolist()),
         "tokens_per_second": len(tokens) / out.seconds,
         "prefill_seconds": out.prefill_seconds,
@@ -197,7 +201,7 @@ def _bench(args) -> int:
     else:
         print(benchmark.table(result))
         print("wrote " + ", ".join(str(p) for p in paths))
-    return 0 if all(r["same_tokens_as_resident"] for r in result["configs"].values()) else 1
+    return 0 if all(r["same_tokens_as_reference"] for r in result["configs"].values()) else 1
 
 
 def _eval_pope(args) -> int:
@@ -205,7 +209,6 @@ def _eval_pope(args) -> int:
 
     _check_device(args.device)
     vlm = pope.from_pretrained(args.model, args.dtype, args.device)
-    vlm.model.to(args.device)
     questions = pope.load_questions(args.questions, labels=args.labels)
     if args.limit:
         questions = questions[: args.limit]
@@ -252,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     evaluate.add_argument("--images", required=True, help="the COCO val2014 image folder")
     evaluate.add_argument("--out", default="pope-results")
-    evaluate.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    evaluate.add_argument(
+        "--dtype", default="auto", choices=DTYPES, help="default: the checkpoint's own"
+    )
     evaluate.add_argument("--device", default="cuda")
     evaluate.add_argument("--budget", default=None)
     evaluate.add_argument("--slots", type=int, default=None)

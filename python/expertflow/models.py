@@ -73,18 +73,42 @@ def default_model(seed: int = 0) -> Loaded:
     return Loaded(model, ByteTokenizer(), "embedded default (Mixtral-shaped, random weights)", True)
 
 
-def load(path: str | None, dtype: str = "float32") -> Loaded:
-    """The embedded default when `path` is None, else a local checkpoint directory."""
-    if path is None:
-        return default_model()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
+
+def torch_dtype(dtype: str) -> str | torch.dtype:
+    """ "auto" (the checkpoint's own) or a torch dtype, from its name."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return dtype if dtype == "auto" else getattr(torch, dtype)
+
+
+def load(path: str | None, dtype: str = "auto") -> Loaded:
+    """The embedded default when `path` is None, else a local checkpoint directory with its
+    tokenizer (see load_model)."""
+    wanted = torch_dtype(dtype)
+    if path is None:
+        loaded = default_model()
+        if wanted != "auto":
+            loaded.model.to(wanted)
+        return loaded
+    from transformers import AutoTokenizer
+
+    model = load_model(path, dtype)
+    return Loaded(model, _HubTokenizer(AutoTokenizer.from_pretrained(path)), Path(path).name, False)
+
+
+def load_model(path: str, dtype: str = "auto") -> torch.nn.Module:
+    """A local checkpoint on the host, in `dtype` ("auto": the checkpoint's own, so a bf16
+    checkpoint takes its own size in host memory, not twice it in float32). offload() then
+    moves the experts into its pool and the rest to the device: the whole model never
+    reaches the device."""
+    from transformers import AutoModelForCausalLM
+
+    wanted = torch_dtype(dtype)
     if not Path(path).is_dir():
         raise ValueError(f"--model {path!r} is not a directory holding a checkpoint")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
-    return Loaded(model, _HubTokenizer(AutoTokenizer.from_pretrained(path)), Path(path).name, False)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=wanted).eval()
 
 
 class _HubTokenizer:

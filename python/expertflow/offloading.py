@@ -20,6 +20,8 @@ Any failure puts the model back as it was.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import math
 import time
 from dataclasses import dataclass, field
@@ -51,6 +53,16 @@ from expertflow.traces import Trace
 # kernel-specific ones run grouped_mm, transformers' own default.
 _INNER = {"batched_mm": batched_mm_experts_forward}
 _PAGE = 4096
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None)
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps freed blocks in its heap (below its mmap threshold, which grows as large
+    blocks are freed); trimming gives them back to the OS, so that the expert tensors freed
+    as the pool fills really leave. Elsewhere there is nothing to do."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 @dataclass
@@ -388,6 +400,7 @@ def _pool_experts(plan: _Plan, undo: _Undo) -> np.ndarray:
                 target.copy_(param.data)
                 undo.pooled.append((param, param.device))
                 param.data = target
+        _return_freed_memory()
     return memory
 
 

@@ -45,7 +45,7 @@ def test_bench_runs_every_config_with_the_resident_tokens(tmp_path, capsys):
         "lru+prefetch",
         "expertflow",
     ]
-    assert all(row["same_tokens_as_resident"] for row in result["configs"].values())
+    assert all(row["same_tokens_as_reference"] for row in result["configs"].values())
     assert result["configs"]["no cache"]["hit_rate"] == 0.0
     assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.png").stat().st_size > 0
 
@@ -71,13 +71,14 @@ def test_bad_model_path_is_a_clear_error(tmp_path, capsys):
 
 
 def test_run_on_a_local_checkpoint(tmp_path, capsys):
-    """A checkpoint directory as from_pretrained reads it: weights and a tokenizer."""
+    """A checkpoint directory as from_pretrained reads it: weights and a tokenizer. A bf16
+    checkpoint runs in bf16 (--dtype auto), not upcast."""
     import tiny_models as tm
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     model, _ = tm.build("mixtral")
-    model.save_pretrained(tmp_path)
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
     vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 200)}}
     inner = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     inner.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -97,6 +98,7 @@ def test_run_on_a_local_checkpoint(tmp_path, capsys):
     assert cli.main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["model"] == tmp_path.name and summary["num_slots"] == 4 and summary["misses"] > 0
+    assert summary["dtype"] == "bfloat16"
 
 
 def test_the_bench_leaves_the_cpu_copies_a_core():
@@ -124,3 +126,24 @@ def test_random_models_draw_the_embedding_in_proportion_to_the_width():
         config = MixtralConfig(**{**base, "hidden_size": hidden})
         std = random_mixtral(config).get_input_embeddings().weight.std().item()
         assert std == pytest.approx(EMBEDDING_STD_PER_WIDTH * hidden, rel=0.05)
+
+
+def test_bench_skips_resident_when_the_model_does_not_fit(monkeypatch):
+    """On a device too small for the whole model, the resident row is skipped with the
+    reason, and the first offloaded row is the reference the others must match."""
+    from expertflow import benchmark, models
+
+    monkeypatch.setattr(benchmark, "resident_room", lambda model, device: "too big here")
+    loaded = models.default_model()
+    result = benchmark.run(
+        loaded,
+        benchmark.DEFAULT_PROMPTS[:1],
+        configs=("resident", "lru", "expertflow"),
+        max_new_tokens=4,
+        reps=1,
+        progress=False,
+    )
+    assert result["skipped"] == {"resident": "too big here"}
+    assert list(result["configs"]) == ["lru", "expertflow"] and result["reference"] == "lru"
+    assert all(row["same_tokens_as_reference"] for row in result["configs"].values())
+    assert "resident       skipped: too big here" in benchmark.table(result)

@@ -160,14 +160,16 @@ class VLM:
     name: str = "vlm"
 
 
-def from_pretrained(path: str | Path, dtype: str = "bfloat16", device: str = "cpu") -> VLM:
-    """A local checkpoint with its processor, asked through its chat template."""
-    import torch
+def from_pretrained(path: str | Path, dtype: str = "auto", device: str = "cpu") -> VLM:
+    """A local checkpoint with its processor, asked through its chat template. The model
+    stays on the host (in the checkpoint's dtype with "auto"); inputs go to `device`."""
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from expertflow.models import torch_dtype
+
     processor = AutoProcessor.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype(dtype)).eval()
 
     def prepare(image_path, prompt):
         messages = [
@@ -213,12 +215,13 @@ def run(
 ) -> dict:
     """Answers every question under each policy and scores them. Answers are appended to
     out/answers_{policy}.jsonl as they come, so a rerun skips what is done."""
+    import contextlib
     import time
 
     import torch
     from tqdm import tqdm
 
-    from expertflow.benchmark import default_slots
+    from expertflow.benchmark import default_slots, resident, resident_room
     from expertflow.offloading import offload
     from expertflow.traces import calibrate_static
 
@@ -251,16 +254,23 @@ def run(
         "policies": {},
     }
     for policy in policies:
+        options = POLICIES[policy]
+        if options is None and (reason := resident_room(vlm.model, device)) is not None:
+            report.setdefault("skipped", {})[policy] = reason
+            continue
         path = out / f"answers_{policy.replace(' ', '_')}.jsonl"
         done = _answers(path)
         todo = [q for q in questions if q.question_id not in done]
-        options = POLICIES[policy]
-        handle = None
-        if options is not None:
-            extra = {"static_experts": static_set} if policy == "static" else {}
-            handle = offload(vlm.model, device, **sizing, **options, **extra)
-        tokens, seconds = 0, 0.0
-        try:
+        tokens, seconds, stats = 0, 0.0, None
+        with contextlib.ExitStack() as stack:
+            if options is None:
+                stack.enter_context(resident(vlm.model, device))
+                handle = None
+            else:
+                extra = {"static_experts": static_set} if policy == "static" else {}
+                handle = stack.enter_context(
+                    offload(vlm.model, device, **sizing, **options, **extra)
+                )
             with open(path, "a") as sink:
                 for question in tqdm(todo, desc=policy, disable=not progress):
                     start = time.perf_counter()
@@ -272,10 +282,8 @@ def run(
                     )
                     sink.flush()
                     done[question.question_id] = text
-            stats = handle.stats() if handle is not None else None
-        finally:
             if handle is not None:
-                handle.restore()
+                stats = handle.stats()
         entry = {"splits": score(questions, done), "answers": str(path)}
         if tokens:
             entry["tokens_per_second"] = tokens / seconds
@@ -284,20 +292,20 @@ def run(
         report["policies"][policy] = entry
         report["policies"][policy]["_done"] = done
     if "resident" in report["policies"]:
-        resident = report["policies"]["resident"]
-        reference = resident["_done"]
+        baseline = report["policies"]["resident"]
+        reference = baseline["_done"]
         for entry in report["policies"].values():
             shared = [k for k in entry["_done"] if k in reference]
             same = sum(entry["_done"][k] == reference[k] for k in shared)
             entry["agreement_with_resident"] = same / len(shared) if shared else None
             entry["f1_change"] = {
-                s: m["f1"] - resident["splits"][s]["f1"]
+                s: m["f1"] - baseline["splits"][s]["f1"]
                 for s, m in entry["splits"].items()
-                if s in resident["splits"]
+                if s in baseline["splits"]
             }
-            if entry.get("tokens_per_second") and resident.get("tokens_per_second"):
+            if entry.get("tokens_per_second") and baseline.get("tokens_per_second"):
                 entry["speed_over_resident"] = (
-                    entry["tokens_per_second"] / resident["tokens_per_second"]
+                    entry["tokens_per_second"] / baseline["tokens_per_second"]
                 )
     for entry in report["policies"].values():
         del entry["_done"]
