@@ -36,6 +36,7 @@ import expertflow.offloading
 import torch
 from common import describe, mixtral_like, save
 from expertflow.benchmark import core_for_copies
+from expertflow.experts import find_experts
 from expertflow.prediction import find_router, router_choice
 
 CONFIGS = [
@@ -48,7 +49,7 @@ CONFIGS = [
 
 def prefetch_every_candidate(model) -> None:
     """Turns the pay-off rule off: the prefetcher (one per offload) is told copies are free."""
-    runner = ef.experts.find_experts(model)[0].module.__dict__["_expertflow"]
+    runner = find_experts(model)[0].module.__dict__["_expertflow"]
     runner.prefetcher.link_bytes_per_second = math.inf
 
 
@@ -71,7 +72,7 @@ def decode(model, prompt: torch.Tensor, tokens: int, after_prefill=None) -> floa
 
 def lookahead_recall(model, prompt: torch.Tensor, tokens: int, distances: list[int]) -> dict:
     """Recall of each layer's router applied `d` layers early, over a decode run."""
-    plans = ef.experts.find_experts(model)
+    plans = find_experts(model)
     routers = [find_router(model, p.name, p.num_experts) for p in plans]
     steps: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []
     index = {id(p.module): i for i, p in enumerate(plans)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import expertflow as ef
 import pytest
 import torch
+from expertflow.experts import align, find_experts
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 LAYERS, EXPERTS = 3, 8
@@ -134,7 +135,7 @@ def test_model_without_moe_layers():
 def test_budget_below_the_minimum_names_it_in_bytes_and_slots(kwargs):
     model = tiny_mixtral()
     before = snapshot(model)
-    slot_bytes = ef.experts.align(max(p.blob_bytes for p in _plans(model)))
+    slot_bytes = align(max(p.blob_bytes for p in _plans(model)))
     with pytest.raises(ValueError, match=rf"minimum of 2 slots = {2 * slot_bytes} bytes"):
         ef.offload(model, "cpu", **kwargs)
     assert_unchanged(model, before)
@@ -265,4 +266,4 @@ def test_decode_reads_the_host_once_per_moe_layer(monkeypatch, prefetch):
 
 
 def _plans(model):
-    return ef.experts.find_experts(model)
+    return find_experts(model)

@@ -16,6 +16,7 @@ import expertflow.offloading
 import pytest
 import tiny_models as tm
 import torch
+from expertflow.experts import find_experts
 
 NEW_TOKENS = 16
 POLICIES = ["lru", "lfu", "static", "expertflow"]
@@ -34,7 +35,7 @@ def run(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quarter_of_the_experts(model) -> int:
-    total = sum(p.num_experts for p in ef.experts.find_experts(model))
+    total = sum(p.num_experts for p in find_experts(model))
     return max(tm.TOP_K, total // 4)
 
 
@@ -93,9 +94,7 @@ def test_offload_is_exact_on_cuda(arch: str, policy: str) -> None:
     slots = quarter_of_the_experts(model)
 
     with ef.offload(model, "cuda", slots=slots, policy=policy) as handle:
-        experts = {
-            id(p) for e in ef.experts.find_experts(model) for ps in e.params.values() for p in ps
-        }
+        experts = {id(p) for e in find_experts(model) for ps in e.params.values() for p in ps}
         for name, param in model.named_parameters():  # experts in the host pool, the rest here
             assert param.device.type == ("cpu" if id(param) in experts else "cuda"), name
         logits, tokens = run(model, inputs)

@@ -8,6 +8,7 @@ import expertflow.offloading
 import pytest
 import tiny_models as tm
 import torch
+from expertflow.experts import find_experts
 from expertflow.prediction import Prefetcher, find_router, router_choice
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,14 +23,14 @@ def generate(model, inputs) -> torch.Tensor:
 
 
 def quarter(model) -> int:
-    return max(tm.TOP_K, sum(p.num_experts for p in ef.experts.find_experts(model)) // 4)
+    return max(tm.TOP_K, sum(p.num_experts for p in find_experts(model)) // 4)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "gpt_oss", "qwen3_vl_moe"])
 def test_the_lookahead_router_is_the_models_own(arch):
     """Applied to a layer's own input, the found router chooses what the layer chose."""
     model, inputs = tm.build(arch)
-    plans = ef.experts.find_experts(model)
+    plans = find_experts(model)
     seen = []
 
     def record(module, args, _out):
