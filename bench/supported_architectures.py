@@ -42,8 +42,8 @@ from typing import Any, NamedTuple
 import expertflow
 import torch
 import transformers
+from expertflow.experts import is_experts_class
 from transformers import PreTrainedConfig, PreTrainedModel
-from transformers.integrations.moe import use_experts_implementation
 
 INPUT_SHAPE = (1, 8)
 RTOL, ATOL = 1e-4, 1e-5
@@ -54,33 +54,10 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "supported_architect
 # --------------------------------------------------------------------------- discovery
 
 
-def _reference_forward_code():
-    """The code object of the forward that use_experts_implementation installs."""
-
-    @use_experts_implementation
-    class _Probe(torch.nn.Module):
-        def __init__(self, config):
-            super().__init__()
-
-        def forward(self, hidden_states, top_k_index, top_k_weights):
-            return hidden_states
-
-    return _Probe.forward.__code__
-
-
-_DECORATED_FORWARD = _reference_forward_code()
-
-
 def is_decorated_experts_class(obj: Any) -> bool:
-    """Whether `obj` is a class that use_experts_implementation decorated (itself)."""
-    if not isinstance(obj, type) or not issubclass(obj, torch.nn.Module):
-        return False
-    forward = obj.__dict__.get("forward")
-    return (
-        forward is not None
-        and hasattr(forward, "__wrapped__")
-        and getattr(forward, "__code__", None) is _DECORATED_FORWARD
-    )
+    """Whether `obj` is a class that use_experts_implementation decorated itself (not one
+    that inherits a decorated forward): the library's own detector, per defining class."""
+    return is_experts_class(obj) and "forward" in obj.__dict__
 
 
 def modeling_modules() -> list[str]:
