@@ -70,35 +70,47 @@ def test_bad_model_path_is_a_clear_error(tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().err
 
 
-def test_run_on_a_local_checkpoint(tmp_path, capsys):
-    """A checkpoint directory as from_pretrained reads it: weights and a tokenizer. A bf16
-    checkpoint runs in bf16 (--dtype auto), not upcast."""
-    import tiny_models as tm
+def save_checkpoint(model, folder) -> None:
+    """A checkpoint directory as from_pretrained reads it: weights and a tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    model, _ = tm.build("mixtral")
-    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    model.save_pretrained(folder)
     vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 200)}}
     inner = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     inner.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="[UNK]").save_pretrained(tmp_path)
-    args = [
-        "run",
-        "--model",
-        str(tmp_path),
-        "--prompt",
-        "w5 w9 w17 w3",
-        "--slots",
-        "4",
-        "--max-new-tokens",
-        "4",
-        "--json",
-    ]
-    assert cli.main(args) == 0
+    PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="[UNK]").save_pretrained(folder)
+
+
+def run_args(folder, slots: str = "4") -> list[str]:
+    return ["run", "--model", str(folder), "--prompt", "w5 w9 w17 w3", "--slots", slots,
+            "--max-new-tokens", "4", "--json"]  # fmt: skip
+
+
+def test_run_on_a_local_checkpoint(tmp_path, capsys):
+    """A bf16 checkpoint runs in bf16 (--dtype auto), not upcast."""
+    import tiny_models as tm
+
+    model, _ = tm.build("mixtral")
+    save_checkpoint(model.to(torch.bfloat16), tmp_path)
+    assert cli.main(run_args(tmp_path)) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["model"] == tmp_path.name and summary["num_slots"] == 4 and summary["misses"] > 0
     assert summary["dtype"] == "bfloat16"
+
+
+def test_a_checkpoint_that_is_not_moe_or_a_budget_too_small_is_a_clear_error(tmp_path, capsys):
+    import tiny_models as tm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dense = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, vocab_size=256)  # fmt: skip
+    save_checkpoint(LlamaForCausalLM(dense), tmp_path / "dense")
+    assert cli.main(run_args(tmp_path / "dense")) == 2
+    assert "LlamaForCausalLM has no experts module" in capsys.readouterr().err
+    save_checkpoint(tm.build("mixtral")[0], tmp_path / "moe")
+    assert cli.main(run_args(tmp_path / "moe", slots="1")) == 2
+    assert "1 slots is below the minimum of 2 slots" in capsys.readouterr().err
 
 
 def test_the_bench_leaves_the_cpu_copies_a_core():
