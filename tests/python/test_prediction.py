@@ -189,3 +189,24 @@ def test_a_prefetch_goes_when_it_pays_for_the_link():
     free = Prefetcher(cache, [None, None], 4, 2, "gate", 1)  # no link model: copies are free
     free.layer_seconds = copy_seconds / 10
     assert free.worth(1, 1)
+
+
+def test_the_layer_time_leaves_out_waits_for_copies():
+    """The pay-off rule compares a copy with the compute that can hide it, so the layer
+    time it learns must not contain the stalls: over a link so slow that each demand copy
+    takes far longer than a layer computes, the learnt time stays a small part of the
+    stall per miss."""
+    model, inputs = tm.build("mixtral", seed=0)
+    with ef.offload(
+        model, "cpu", slots=tm.TOP_K + 1, policy="lru", link_gbps=1.0, link_latency_us=20_000
+    ) as handle:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        stats = handle.stats()
+        layer_seconds = find_prefetcher(model).layer_seconds
+    stall_per_miss = stats["stall_seconds"] / stats["misses"]
+    assert 0 < layer_seconds < stall_per_miss / 4, (layer_seconds, stall_per_miss)
+
+
+def find_prefetcher(model) -> Prefetcher:
+    return find_experts(model)[0].module.__dict__["_expertflow"].prefetcher
