@@ -31,44 +31,12 @@ from pathlib import Path
 
 import expertflow as ef
 import torch
-from common import machine
+from common import large_mixtral, machine
 from expertflow.experts import find_experts
-from expertflow.models import EMBEDDING_STD_PER_WIDTH
-from transformers import MixtralConfig, MixtralForCausalLM
 
 ACTIVATION_MARGIN = 2**30  # activations, KV cache and the allocator's rounding, 32 tokens
 PROMPT_TOKENS, NEW_TOKENS = 32, 16
 NEAR_TIE = 0.0625  # a logit margin within a few bf16 roundings at this scale
-
-
-def random_model(expert_gib: float, hidden: int, intermediate: int) -> MixtralForCausalLM:
-    """Random bf16 weights, drawn uniformly (cheaper than normal at this size) in place."""
-    per_layer = 8 * 3 * hidden * intermediate * 2
-    layers = max(2, round(expert_gib * 2**30 / per_layer))
-    config = MixtralConfig(
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 128),
-        num_key_value_heads=max(1, hidden // 512),
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        vocab_size=1024,
-    )
-    with torch.device("meta"):
-        model = MixtralForCausalLM(config)
-    model.to_empty(device="cpu").to(torch.bfloat16)
-    embedding = model.get_input_embeddings().weight
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-                continue
-            # the embedding drawn as expertflow.models.random_mixtral draws it
-            std = EMBEDDING_STD_PER_WIDTH * hidden if p is embedding else 0.02
-            p.uniform_(-std * 3**0.5, std * 3**0.5, generator=generator)
-    return model.eval()
 
 
 def greedy(model, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -112,7 +80,9 @@ def non_expert_bytes(model) -> int:
 
 def check(args) -> dict:
     cuda = args.device.startswith("cuda")
-    model = random_model(args.expert_gib, args.hidden, args.intermediate)
+    per_layer = 8 * 3 * args.hidden * args.intermediate * 2  # bf16 experts
+    layers = max(2, round(args.expert_gib * 2**30 / per_layer))
+    model = large_mixtral(layers, args.hidden, args.intermediate)
     experts = sum(
         p.numel() * p.element_size()
         for e in find_experts(model)

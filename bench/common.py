@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import torch
-from expertflow.models import random_mixtral
+from expertflow.models import EMBEDDING_STD_PER_WIDTH, random_mixtral
 from transformers import MixtralConfig, MixtralForCausalLM
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -36,6 +36,38 @@ def mixtral_like(
         max_position_embeddings=4096,
     )
     return random_mixtral(config, seed).to(dtype)
+
+
+def large_mixtral(
+    layers: int, hidden: int = 4096, intermediate: int = 14336, dtype=torch.bfloat16
+) -> MixtralForCausalLM:
+    """A Mixtral-shaped model of many GiB with random weights, built without transformers'
+    init (float32 first, then normal draws: minutes at this size): made on the meta device,
+    materialised in `dtype` and drawn uniformly in place, with the same standard deviations
+    as random_mixtral (0.02; the embedding's in proportion to the width; norms at one)."""
+    config = MixtralConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 128),
+        num_key_value_heads=max(1, hidden // 512),
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        vocab_size=1024,
+    )
+    with torch.device("meta"):
+        model = MixtralForCausalLM(config)
+    model.to_empty(device="cpu").to(dtype)
+    embedding = model.get_input_embeddings().weight
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+                continue
+            std = EMBEDDING_STD_PER_WIDTH * hidden if p is embedding else 0.02
+            p.uniform_(-std * 3**0.5, std * 3**0.5, generator=generator)
+    return model.eval()
 
 
 def expert_bytes(model) -> int:

@@ -31,27 +31,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def make_checkpoint(folder: Path, layers: int, hidden: int = 1024, intermediate: int = 2048) -> int:
     """A random bf16 Mixtral checkpoint in `folder`; returns its bytes on disk."""
-    import torch
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from common import large_mixtral
 
-    config = MixtralConfig(
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        vocab_size=256,
-    )
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = MixtralForCausalLM(config)
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    model.to(torch.bfloat16).save_pretrained(folder)
+    large_mixtral(layers, hidden, intermediate).save_pretrained(folder)
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 

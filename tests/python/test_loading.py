@@ -7,10 +7,9 @@ bench/big_model_check.py.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
+import bench_scripts
 import expertflow as ef
 import pytest
 import torch
@@ -19,20 +18,12 @@ from expertflow.offloading import _plan, require_device_memory
 from test_offload_api import EXPERTS, assert_unchanged, snapshot, tiny_mixtral
 
 
-def _bench_module(name: str):
-    path = Path(__file__).resolve().parents[2] / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
 def test_offload_adds_about_one_layer_to_host_memory(tmp_path):
     """Experts go into the pool layer by layer, each original freed as its copy lands: the
     peak grows by about one layer's experts (4% of this checkpoint), not by the pool (one
     whole copy of the experts, 95% of it), and the checkpoint keeps its bf16."""
-    host_memory = _bench_module("host_memory")
+    host_memory = bench_scripts.load("host_memory")
     checkpoint = host_memory.make_checkpoint(tmp_path, layers=24, hidden=256, intermediate=512)
     result = host_memory.measure(tmp_path, "cpu")
     assert result["dtype"] == "bfloat16"

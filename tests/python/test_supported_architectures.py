@@ -3,27 +3,19 @@ offload check on three representative families (the full sweep is the script its
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
+import bench_scripts
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "supported_architectures.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """The script as a module (bench/ is not a package)."""
-    name = "expertflow_bench_supported_architectures"
-    spec = importlib.util.spec_from_file_location(name, SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
+    module = bench_scripts.load("supported_architectures")
     try:
-        spec.loader.exec_module(module)
         yield module
     finally:
-        sys.modules.pop(name, None)
+        sys.modules.pop(module.__name__, None)
 
 
 @pytest.fixture(scope="module")
