@@ -16,15 +16,24 @@ patchified (or, for Aria, padded) exactly as the image processor does; where PIL
 test_tiny_models.py checks that the real image processor gives bit-identical tensors.  The
 placeholder tokens, their count and ``mm_token_type_ids`` (and ERNIE's ``moe_mm_token_type_ids``)
 follow the processor.
+
+``tiny_config(config_class)`` shrinks any transformers config class to a toy one whose every
+MLP layer is an MoE layer, and ``model_candidates(experts_cls)`` lists the model classes that
+may hold an experts class: the generic half of the factory, which
+bench/supported_architectures.py uses for every family transformers has.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 import transformers
+from transformers import PreTrainedConfig, PreTrainedModel
 
 __all__ = [
     "ARCHITECTURES",
@@ -39,6 +48,9 @@ __all__ = [
     "build_config",
     "draw_image",
     "experts_modules",
+    "model_candidates",
+    "tiny_config",
+    "vocab_of",
 ]
 
 LLMS = [
@@ -616,3 +628,351 @@ def build(arch: str, seed: int = 0) -> tuple[torch.nn.Module, dict]:
     gen = torch.Generator().manual_seed(seed)
     inputs = _llm_inputs(gen) if arch in LLMS else _vlm_inputs(arch, seed, gen)
     return model, inputs
+
+
+# --------------------------------------------------------------------------------------------
+# any family: a generic tiny config (bench/supported_architectures.py)
+# --------------------------------------------------------------------------------------------
+
+# Exact field names -> tiny value; applied to a field only when its default is a non-zero int
+# (None, 0 or "auto" usually mean "derived in __post_init__" or "feature off").
+_SIZES: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 256,
+    "unpadded_vocab_size": 256,
+    "vocab_size_per_layer_input": 256,
+    "intermediate_size": 128,
+    # (experts per layer, top-k and the experts' width: _ALWAYS below)
+    # grouped routing: 8 experts in 2 groups, pick 1 group
+    "n_group": 2,
+    "topk_group": 1,
+    # shared experts
+    "num_shared_experts": 1,
+    "moe_num_shared_experts": 1,
+    # multi-head latent attention
+    "q_lora_rank": 32,
+    "kv_lora_rank": 32,
+    "o_lora_rank": 32,
+    "qk_rope_head_dim": 16,
+    "qk_nope_head_dim": 16,
+    "v_head_dim": 16,
+    # sparse attention indexers
+    "index_n_heads": 4,
+    "index_head_dim": 32,
+    "indexer_n_heads": 4,
+    "indexer_head_dim": 32,
+    # sliding-window / local attention heads
+    "swa_num_attention_heads": 4,
+    "swa_num_key_value_heads": 2,
+    "swa_head_dim": 16,
+    # linear attention
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_num_heads": 4,
+    "linear_head_dim": 16,
+    # state-space layers
+    "mamba_d_state": 16,
+    "ssm_state_size": 16,
+    "mamba_n_groups": 1,
+    "mamba_head_dim": 16,
+    "mamba_d_head": 16,
+    "mamba_chunk_size": 16,
+    "mamba_dt_rank": 8,
+    "mamba_n_heads": 8,  # x mamba_head_dim 16 = mamba_expand 2 x hidden_size 64
+    "mamba_num_heads": 8,
+    # vision / audio towers (never run: the forward is text-only)
+    "depth": 2,
+    "num_heads": 4,
+    "out_hidden_size": 64,
+    "encoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "encoder_ffn_dim": 128,
+    "d_model": 64,
+    "text_hidden_size": 64,
+    "projector_hidden_size": 64,
+    "thinker_hidden_size": 64,
+    # dense layers off: every layer an MoE layer
+    "first_k_dense_replace": 0,
+    "num_dense_layers": 0,
+    "decoder_sparse_step": 1,
+    "moe_layer_freq": 1,
+    "moe_layer_interval": 1,
+    "moe_layer_start_index": 0,
+    "expert_layer_period": 1,
+    "expert_layer_offset": 0,
+    # extra heads that would only add layers
+    "num_nextn_predict_layers": 0,
+    "num_mtp_layers": 0,
+}
+_EXPERT_COUNTS = (
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+    "moe_num_experts",
+    "num_routed_experts",
+    "n_experts",
+)
+# Fields set whatever their default (None often means "no MoE" for these).
+_ALWAYS: dict[str, Any] = {
+    "mlp_only_layers": [],
+    "enable_moe_block": True,
+    "moe_intermediate_size": 64,
+    "n_shared_experts": 1,  # some families multiply by it even when their default is None
+    **{k: 8 for k in _EXPERT_COUNTS},
+    **{
+        k: 2
+        for k in (
+            "num_experts_per_tok",
+            "num_experts_per_token",
+            "moe_topk",
+            "moe_k",
+            "top_k",
+            "top_k_experts",
+        )
+    },
+}
+# Any other int field whose name contains one of these is an intermediate (FFN) size.
+_INTERMEDIATE = ("intermediate_size", "intermediate_dim")
+_MOE_INTERMEDIATE = 64  # the experts' own FFN width
+
+# Per-family overrides, by the (sub)config's model_type or class name, applied after the
+# generic ones.
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "hunyuan_v1_moe": {"head_dim": 16},  # default None, read as is by the attention
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},  # no default
+    # attributes the modeling code reads that are not config fields (hub configs carry them)
+    "qwen3_omni_moe_talker_text": {"shared_expert_intermediate_size": 64},
+    "Qwen3OmniMoeTalkerConfig": {"spatial_merge_size": 2},
+    "zaya": {"num_experts_per_tok": 1},  # "ZAYA currently supports num_experts_per_tok=1 only"
+}
+
+
+def _field_defaults(config: PreTrainedConfig) -> dict[str, Any]:
+    """The dataclass fields of a config, each with its declared default (else its value)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.name.startswith("_"):
+            continue
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+        else:
+            out[f.name] = getattr(config, f.name, None)
+    return out
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def tiny_kwargs(config: PreTrainedConfig, extra: dict[str, dict] | None = None) -> dict[str, Any]:
+    """Constructor kwargs that shrink `config`'s class (and its sub-configs) to a toy model;
+    `extra` maps a (sub)config's model_type to more overrides."""
+    defaults = _field_defaults(config)
+    kwargs: dict[str, Any] = {}
+    for name, default in defaults.items():
+        if name in _ALWAYS:
+            value, current = _ALWAYS[name], getattr(config, name, default)
+            if (
+                isinstance(current, list)
+                and current
+                and all(_is_int(d) for d in current)
+                and _is_int(value)
+            ):
+                value = [value] * len(current)  # one per modality (text, vision, ...)
+            kwargs[name] = value
+        elif name in _SIZES:
+            # only where the default is a size: None, 0 and "auto" mean derived or off
+            if _is_int(default) and (default != 0 or _SIZES[name] == 0):
+                kwargs[name] = _SIZES[name]
+        elif _is_int(default) and any(k in name for k in _INTERMEDIATE):
+            kwargs[name] = _MOE_INTERMEDIATE
+    # per-layer lists given as defaults (a pyramid's patch_sizes, hidden_sizes, depths): the
+    # first entries, one per remaining layer
+    layers, tiny_layers = defaults.get("num_hidden_layers"), kwargs.get("num_hidden_layers")
+    if _is_int(layers) and _is_int(tiny_layers) and tiny_layers < layers:
+        for name, default in defaults.items():
+            if name not in kwargs and isinstance(default, (list, tuple)) and len(default) == layers:
+                kwargs[name] = type(default)(default[:tiny_layers])
+    # sub-configs (text_config, vision_config, audio_config, ...): shrink too
+    specs = getattr(type(config), "sub_configs_defaults", {}) or {}
+    for key in specs:
+        sub = getattr(config, key, None)
+        if isinstance(sub, PreTrainedConfig):
+            sub_kwargs = tiny_kwargs(sub, extra)
+            if not issubclass(
+                specs[key].config_class, PreTrainedConfig
+            ):  # AutoConfig: by model_type
+                sub_kwargs["model_type"] = sub.model_type
+            kwargs[key] = sub_kwargs
+    if "kv_lora_rank" in defaults and "num_key_value_heads" in kwargs:  # MLA: k/v have every head
+        kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", 4)
+    if "mrope_section" in getattr(type(config), "ignore_keys_at_rope_validation", ()):
+        kwargs["rope_parameters"] = _tiny_mrope(config, kwargs)
+    kwargs.update(OVERRIDES.get(config.model_type, {}))
+    kwargs.update(OVERRIDES.get(type(config).__name__, {}))
+    kwargs.update((extra or {}).get(config.model_type, {}))
+    return kwargs
+
+
+def _tiny_mrope(config: PreTrainedConfig, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Multimodal RoPE parameters whose `mrope_section` (given, or hard-coded in the modeling
+    file when absent) fits the tiny rotary dimension."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    head = kwargs.get("qk_rope_head_dim") or kwargs.get("head_dim")
+    if not head:
+        hidden = kwargs.get("hidden_size", config.hidden_size)
+        head = hidden // kwargs.get("num_attention_heads", config.num_attention_heads)
+    factor = (
+        rope.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0
+    )
+    half = int(head * factor) // 2
+    rope["mrope_section"] = _scaled_section(rope.get("mrope_section") or [1, 1, 1], half)
+    return rope
+
+
+def _all_configs(config: PreTrainedConfig) -> list[PreTrainedConfig]:
+    out, stack, seen = [], [config], set()
+    while stack:
+        c = stack.pop()
+        if id(c) in seen:
+            continue
+        seen.add(id(c))
+        out.append(c)
+        for value in vars(c).values():
+            if isinstance(value, PreTrainedConfig):
+                stack.append(value)
+    return out
+
+
+def _token_ids(config: PreTrainedConfig) -> list[tuple[PreTrainedConfig, str, Any]]:
+    """Every (config, field, value) that holds special token ids."""
+    return [
+        (c, name, value)
+        for c in _all_configs(config)
+        for name, value in list(vars(c).items())
+        if name.endswith(("token_id", "token_index", "token_ids"))
+    ]
+
+
+def _fix_token_ids(config: PreTrainedConfig, vocab: int) -> set[int]:
+    """Moves special token ids that fall outside the tiny vocabulary into its top (one new
+    id per old one); returns every special id, so that the random input avoids them."""
+    entries = _token_ids(config)
+    as_list = lambda value: value if isinstance(value, list) else [value]
+    special = {v for _, _, value in entries for v in as_list(value) if _is_int(v) and v < vocab}
+    moved: dict[int, int] = {}
+    free = (t for t in range(vocab - 1, -1, -1) if t not in special)
+    for c, name, value in entries:
+        if not any(_is_int(v) and v >= vocab for v in as_list(value)):
+            continue
+        fixed = [
+            moved.setdefault(v, next(free)) if _is_int(v) and v >= vocab else v
+            for v in as_list(value)
+        ]
+        setattr(c, name, fixed if isinstance(value, list) else fixed[0])
+    return special | set(moved.values())
+
+
+def _scaled_section(section: list[int], total: int) -> list[int]:
+    """`section` rescaled to sum to `total` (largest remainders), every entry at least 1."""
+    raw = [x * total / sum(section) for x in section]
+    out = [max(1, int(r)) for r in raw]
+    order = sorted(range(len(raw)), key=lambda i: raw[i] - int(raw[i]), reverse=True)
+    i = 0
+    while sum(out) < total:
+        out[order[i % len(out)]] += 1
+        i += 1
+    while sum(out) > total:
+        j = max(range(len(out)), key=lambda k: out[k])
+        out[j] -= 1
+    return out
+
+
+def _second_pass(config: PreTrainedConfig) -> dict[str, dict[str, Any]]:
+    """Fixes that need the built config, by (sub)config model_type:
+
+    `mlp_layer_types` listing dense layers: every dense layer an MoE one (the list's own
+    MoE label, else "sparse"); left unset (None): all "sparse".
+    """
+    fixes: dict[str, dict[str, Any]] = {}
+    for c in _all_configs(config):
+        fix = {}
+        names = {f.name for f in dataclasses.fields(c)}
+        types = getattr(c, "mlp_layer_types", None)
+        layers = getattr(c, "num_hidden_layers", None)
+        if isinstance(types, list) and "dense" in types:
+            moe = [t for t in types if t != "dense"]
+            label = max(set(moe), key=moe.count) if moe else "sparse"
+            fix["mlp_layer_types"] = [label if t == "dense" else t for t in types]
+        elif types is None and "mlp_layer_types" in names and _is_int(layers):
+            fix["mlp_layer_types"] = ["sparse"] * layers
+        if fix:
+            fixes[c.model_type] = fix
+    return fixes
+
+
+def tiny_config(config_class: type[PreTrainedConfig]) -> tuple[PreTrainedConfig, set[int]]:
+    """A toy config of `config_class` whose every MLP layer is an MoE layer, with special
+    token ids inside its vocabulary; and the set of those special ids."""
+    default = config_class()
+    kwargs = tiny_kwargs(default)
+    config = config_class(**kwargs)
+    fixes = _second_pass(config)
+    if fixes:
+        config = config_class(**tiny_kwargs(default, fixes))
+    special = _fix_token_ids(config, vocab_of(config))
+    # The reference runs transformers' grouped_mm. Only the (sub)configs of MoE parts get it:
+    # some towers (Pixtral's) refuse any experts implementation, and the others need none.
+    for c in _all_configs(config):
+        if any(_is_int(getattr(c, k, None)) for k in _EXPERT_COUNTS):
+            c._experts_implementation = "grouped_mm"
+    return config, special
+
+
+def vocab_of(config: PreTrainedConfig) -> int:
+    sizes = [c.vocab_size for c in _all_configs(config) if _is_int(getattr(c, "vocab_size", None))]
+    return min(sizes) if sizes else 256
+
+
+_SUFFIXES = ("ForCausalLM", "ForConditionalGeneration", "Model")
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def model_candidates(experts_cls: type) -> list[type]:
+    """Model classes of the experts class's modeling module, most likely first:
+    *ForCausalLM, then *ForConditionalGeneration, then *Model; within each, the name closest
+    to the experts class's (Qwen3OmniMoeTalkerTextExperts -> Qwen3OmniMoeTalker...)."""
+    module = sys.modules[experts_cls.__module__]
+    public = set(getattr(module, "__all__", []) or [])
+    stem = experts_cls.__name__.removesuffix("Experts")
+    ranked = []
+    for name, obj in vars(module).items():
+        if (
+            not (isinstance(obj, type) and issubclass(obj, PreTrainedModel))
+            or obj.__module__ != module.__name__
+        ):
+            continue
+        if name.endswith("PreTrainedModel") or (public and name not in public):
+            continue
+        rank = next((i for i, s in enumerate(_SUFFIXES) if name.endswith(s)), None)
+        if rank is None or getattr(obj, "config_class", None) is None:
+            continue
+        ranked.append(((rank, -_common_prefix(name, stem), len(name), name), obj))
+    return [obj for _, obj in sorted(ranked, key=lambda r: r[0])]
