@@ -67,23 +67,34 @@ void register_cache(py::module_& m) {
              return std::make_unique<ExpertCache>(std::move(pool), num_slots, options,
                                                   prefetch_streams);
            }),
+           // Allocating the arena (cudaMalloc) and creating streams can take a while.
            py::arg("pool"), py::arg("num_slots"), py::arg("policy") = "lru",
            py::arg("prefetch_streams") = 1, py::arg("lfu_decay") = 1.0,
            py::arg("lfu_decay_period") = 0, py::arg("static_keys") = std::vector<int>{},
-           py::arg("future") = std::vector<std::vector<int>>{})
+           py::arg("future") = std::vector<std::vector<int>>{}, Release())
       .def(
           "acquire",
-          [](ExpertCache& c, int layer, const std::vector<int>& experts, std::uintptr_t stream) {
-            return addresses(c.acquire(layer, experts, stream));
+          [](ExpertCache& c, int layer, const std::vector<int>& experts, std::uintptr_t stream,
+             int stream_device) {
+            return addresses(c.acquire(layer, experts, stream, stream_device));
           },
-          py::arg("layer"), py::arg("experts"), py::arg("stream") = 0, Release())
+          py::arg("layer"), py::arg("experts"), py::arg("stream") = 0,
+          py::arg("stream_device") = -1, Release())
       .def("prefetch", &ExpertCache::prefetch, py::arg("layer"), py::arg("experts"),
            py::arg("scores") = std::vector<float>{}, Release())
       .def("predict", &ExpertCache::predict, py::arg("layer"), py::arg("experts"),
            py::arg("scores") = std::vector<float>{})
       .def("release", &ExpertCache::release, py::arg("layer"), py::arg("experts"),
-           py::arg("stream") = 0, Release())
-      .def("stats", [](const ExpertCache& c) { return stats_dict(c.stats()); })
+           py::arg("stream") = 0, py::arg("stream_device") = -1, Release())
+      .def("stats",
+           [](const ExpertCache& c) {
+             CacheStats stats;
+             {
+               py::gil_scoped_release release;  // may wait for pending stall timers
+               stats = c.stats();
+             }
+             return stats_dict(stats);
+           })
       .def("reset_stats", &ExpertCache::reset_stats)
       .def(
           "slot_address",

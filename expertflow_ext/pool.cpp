@@ -34,15 +34,18 @@ void register_pool(py::module_& m) {
           },
           py::arg("layer"), py::arg("expert"));
 
+  // Pinning host memory (cudaHostAlloc, cudaHostRegister) takes seconds for a large pool:
+  // other Python threads run meanwhile.
+  using Release = py::call_guard<py::gil_scoped_release>;
   py::class_<HostPool, std::shared_ptr<HostPool>>(m, "HostPool", py::buffer_protocol())
       .def(py::init<std::shared_ptr<Backend>, ExpertLayout>(), py::arg("backend"),
-           py::arg("layout"))
+           py::arg("layout"), Release())
       .def(py::init([](std::shared_ptr<Backend> backend, ExpertLayout layout,
                        std::uintptr_t address, std::size_t nbytes) {
              return std::make_shared<HostPool>(std::move(backend), std::move(layout),
                                                reinterpret_cast<void*>(address), nbytes);
            }),
-           py::arg("backend"), py::arg("layout"), py::arg("address"), py::arg("nbytes"))
+           py::arg("backend"), py::arg("layout"), py::arg("address"), py::arg("nbytes"), Release())
       .def_property_readonly("layout", &HostPool::layout,
                              py::return_value_policy::reference_internal)
       .def_property_readonly(

@@ -91,11 +91,14 @@ TEST(fault_injection_needs_the_cpu_backend) {
     void free_device(void*) noexcept override {}
     ef::StreamHandle create_stream(bool) override { return 0; }
     void destroy_stream(ef::StreamHandle) noexcept override {}
-    void check_stream(ef::StreamHandle) const override {}
+    void check_stream(ef::StreamHandle, int) const override {}
     std::unique_ptr<ef::Fence> create_fence() override { return nullptr; }
+    std::unique_ptr<ef::Fence> create_timer() override { return nullptr; }
     void record(ef::Fence&, ef::StreamHandle) override {}
     void wait(ef::StreamHandle, ef::Fence&) override {}
     void synchronize(ef::Fence&) override {}
+    bool query(ef::Fence&) override { return true; }
+    std::optional<double> elapsed_seconds(ef::Fence&, ef::Fence&) override { return 0.0; }
     void copy_to_device(void*, const void*, std::size_t, ef::StreamHandle) override {}
   } other;
   EXPECT_THROW_MSG(ef::testing::inject_faults(other, {}), ef::InvalidArgument, "other");

@@ -77,8 +77,8 @@ TEST(cpu_backend_basics) {
   ASSERT_TRUE(backend != nullptr);
   EXPECT_TRUE(backend->kind() == ef::DeviceKind::kCpu);
   EXPECT_EQ(backend->name(), std::string("cpu"));
-  backend->check_stream(0);
-  EXPECT_THROW_MSG(backend->check_stream(12345), ef::InvalidArgument, "12345");
+  backend->check_stream(0, -1);
+  EXPECT_THROW_MSG(backend->check_stream(12345, -1), ef::InvalidArgument, "12345");
   void* p = backend->alloc_host(10000);
   ASSERT_TRUE(p != nullptr);
   EXPECT_EQ(addr(p) % 4096, std::uintptr_t{0});

@@ -15,7 +15,7 @@ namespace {
 namespace ef = expertflow;
 using ef_fixture::make_pool;
 
-enum class Op { kNone, kCopy, kRecord, kCreateFence };
+enum class Op { kNone, kCopy, kRecord, kCreateFence, kQuery };
 
 // The CPU backend, except that the armed operation blocks (up to 10 s) until opened.
 class GatedBackend final : public ef::Backend {
@@ -52,10 +52,23 @@ class GatedBackend final : public ef::Backend {
   void free_device(void* p) noexcept override { inner_->free_device(p); }
   ef::StreamHandle create_stream(bool high) override { return inner_->create_stream(high); }
   void destroy_stream(ef::StreamHandle s) noexcept override { inner_->destroy_stream(s); }
-  void check_stream(ef::StreamHandle s) const override { inner_->check_stream(s); }
+  void check_stream(ef::StreamHandle s, int device) const override {
+    inner_->check_stream(s, device);
+  }
   std::unique_ptr<ef::Fence> create_fence() override {
     gate(Op::kCreateFence);
     return inner_->create_fence();
+  }
+  std::unique_ptr<ef::Fence> create_timer() override {
+    gate(Op::kCreateFence);
+    return inner_->create_timer();
+  }
+  bool query(ef::Fence& f) override {
+    gate(Op::kQuery);
+    return inner_->query(f);
+  }
+  std::optional<double> elapsed_seconds(ef::Fence& a, ef::Fence& b) override {
+    return inner_->elapsed_seconds(a, b);
   }
   void record(ef::Fence& f, ef::StreamHandle s) override {
     gate(Op::kRecord);
@@ -136,10 +149,18 @@ TEST(release_records_its_fence_outside_the_lock) {
 TEST(fences_are_created_outside_the_lock) {
   Rig rig;
   rig.cache->acquire(1, {2}, 0);
-  rig.backend->arm(Op::kCreateFence);  // the first release of a slot on a stream makes one
+  rig.backend->arm(Op::kCreateFence);  // every fence made so far is held: the pool makes one
   std::thread release([&] { rig.cache->release(1, {2}, 0); });
   rig.expect_other_threads_proceed();
   release.join();
+}
+
+TEST(fence_queries_run_outside_the_lock) {
+  Rig rig;
+  rig.backend->arm(Op::kQuery);  // the miss's stream asks whether its copy is done
+  std::thread miss([&] { EXPECT_EQ(ef_fixture::use(*rig.cache, 1, {3}), 0); });
+  rig.expect_other_threads_proceed();
+  miss.join();
 }
 
 }  // namespace

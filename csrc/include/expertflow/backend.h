@@ -7,7 +7,13 @@
 // Streams and fences follow CUDA's model. A stream is an ordered queue of device work,
 // named by an integer handle (a cudaStream_t on CUDA; 0 is the default stream). A fence
 // marks a point in a stream: record() places it, wait() makes another stream wait for
-// it without blocking the host, synchronize() blocks the host.
+// it without blocking the host, synchronize() blocks the host (sleeping, not spinning, on
+// CUDA), query() asks without blocking. A timer is a fence that also notes when it
+// completed, so that the time a stream spent between two timers can be read.
+//
+// Devices: every entry point of a device backend works on the backend's device and
+// restores the caller's current device before it returns (c10's CUDAGuard is the model),
+// so building or using a pool never changes which device the caller's thread is on.
 //
 // On the CPU backend the "device" is host memory and a stream is the host thread that
 // issues the work, which runs synchronously: work is complete when record() returns, so
@@ -18,6 +24,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -62,14 +69,27 @@ class Backend {
   // A new non-blocking stream; high priority work is scheduled first where supported.
   virtual StreamHandle create_stream(bool high_priority) = 0;
   virtual void destroy_stream(StreamHandle stream) noexcept = 0;
-  // Throws InvalidArgument naming the handle if work cannot be enqueued on it here
-  // (a stream of another device, or any stream but 0 on the CPU).
-  virtual void check_stream(StreamHandle stream) const = 0;
+  // Throws InvalidArgument naming the handle and both devices if work cannot be enqueued on
+  // it here: a stream of another device, a default stream (0, per-thread) while the
+  // caller's current device is another one, or any stream but 0 on the CPU. stream_device
+  // is the device the caller knows the stream belongs to (a torch stream's), or -1 when
+  // unknown. A raw handle must name a live stream: that is the caller's contract, since no
+  // runtime call can tell a stale or made-up handle from a real one without undefined
+  // behaviour.
+  virtual void check_stream(StreamHandle stream, int stream_device) const = 0;
 
   virtual std::unique_ptr<Fence> create_fence() = 0;
+  // A fence that also notes when it completed, for elapsed_seconds().
+  virtual std::unique_ptr<Fence> create_timer() = 0;
   virtual void record(Fence& fence, StreamHandle stream) = 0;
   virtual void wait(StreamHandle stream, Fence& fence) = 0;  // the stream waits, not the host
   virtual void synchronize(Fence& fence) = 0;                // the host waits
+  // Whether the work before the fence's last record has completed (a fence never recorded
+  // has). Never blocks.
+  virtual bool query(Fence& fence) = 0;
+  // Seconds between two timers recorded in that order on one stream, once the later has
+  // completed; nullopt before. Never blocks.
+  virtual std::optional<double> elapsed_seconds(Fence& start, Fence& end) = 0;
 
   // Enqueues a host-to-device copy on the stream; the host memory must stay valid until
   // a fence recorded after it completes.

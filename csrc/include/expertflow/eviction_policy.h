@@ -68,7 +68,12 @@ class EvictionPolicy {
 
   // Called once by the cache before use, with the number of keys in its layout.
   virtual void bind(int num_keys) { (void)num_keys; }
-  // Every acquire, hit or miss, with all the keys it asked for, in call order.
+  // Whether an acquire of `keys` may go ahead: throws InvalidArgument if the policy cannot
+  // serve it (belady: not the acquire its future names next). Changes nothing.
+  virtual void check_access(const std::vector<int>& keys) const { (void)keys; }
+  // Every acquire, hit or miss, with all the keys it asked for, in call order, once its
+  // copies were issued: an acquire that fails leaves the policy as it was. Follows a
+  // check_access() of the same keys; does not throw.
   virtual void on_access(const std::vector<int>& keys, std::uint64_t tick) {
     (void)keys;
     (void)tick;

@@ -124,13 +124,15 @@ class BeladyPolicy final : public EvictionPolicy {
     next_.assign(num_keys, 0);
     step_ = 0;
   }
-  void on_access(const std::vector<int>& keys, std::uint64_t) override {
+  void check_access(const std::vector<int>& keys) const override {
     EF_CHECK(step_ < future_.size(), "belady knows ", future_.size(),
              " acquires but was asked for acquire ", step_ + 1);
     std::vector<int> expected = future_[step_], got = keys;
     std::sort(expected.begin(), expected.end());
     std::sort(got.begin(), got.end());
     EF_CHECK(expected == got, "acquire ", step_, " differs from the future belady was given");
+  }
+  void on_access(const std::vector<int>& keys, std::uint64_t) override {
     for (int key : keys) ++next_[key];
     ++step_;
   }

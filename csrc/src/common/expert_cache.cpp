@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <optional>
+#include <sstream>
+#include <thread>
 
 #include "expertflow/error.h"
 
@@ -56,6 +59,8 @@ ExpertCache::ExpertCache(std::shared_ptr<HostPool> pool, int num_slots, const Po
       arena_(std::make_unique<DeviceArena>(backend_, layout_.max_bytes(), num_slots)),
       num_slots_(num_slots),
       slot_bytes_(arena_->slot_bytes()),
+      copy_fences_(backend_, FencePool::Kind::kFence),
+      timers_(backend_, FencePool::Kind::kTimer),
       engine_(backend_, prefetch_streams),
       policy_(make_policy(policy)),
       policy_name_(policy_->name()) {
@@ -66,14 +71,12 @@ ExpertCache::ExpertCache(std::shared_ptr<HostPool> pool, int num_slots, const Po
   policy_->bind(layout_.num_keys());
   slots_.resize(num_slots);
   views_.resize(num_slots);
-  for (int slot = 0; slot < num_slots; ++slot) {
-    slots_[slot].copy_fence = backend_->create_fence();
-    refresh_evictable(slot);
-  }
+  for (int slot = 0; slot < num_slots; ++slot) refresh_evictable(slot);
   for (int key = 0; key < layout_.num_keys(); ++key) never_evicted_ += !policy_->may_evict(key);
   slot_of_.assign(layout_.num_keys(), -1);
   confidence_.assign(layout_.num_keys(), -1.0f);
   stats_.layers.resize(layout_.num_layers());
+  stream_stall_seconds_.assign(layout_.num_layers(), 0.0);
 }
 
 ExpertCache::~ExpertCache() {
@@ -170,47 +173,77 @@ CopyRequest ExpertCache::copy_request(int slot) const {
   request.dst = arena_->slot(slot);
   request.src = pool_->blob(key);
   request.bytes = layout_.bytes(key);
-  request.after.push_back(s.copy_fence.get());
-  for (const ReadFence& read : s.read_fences) request.after.push_back(read.fence.get());
-  request.done = s.copy_fence.get();
+  request.after.push_back(s.copy_fence);
+  for (const ReadFence& read : s.read_fences) request.after.push_back(read.fence);
   return request;
 }
 
-// Returns, with the lock held, once the copy into `slot` (pinned by the caller) is
-// issued; issues a demand copy itself when the slot is stale.
-void ExpertCache::ensure_issued(Lock& lock, int slot) {
-  Slot& s = slots_[slot];
-  while (!s.issued || s.stale) {
+// Returns, with the lock held, once the copy into every one of `slots` (pinned by the
+// caller) is issued: issues the stale ones itself, as one batch, and waits for those that
+// other threads or the prefetch workers are issuing. Returns whether it had to do either.
+bool ExpertCache::issue_copies(Lock& lock, const std::vector<int>& slots) {
+  bool waited = false;
+  for (;;) {
     check_open();
-    if (!s.stale) {
-      issued_cv_.wait(lock);
-      continue;
+    std::vector<int> stale;
+    bool pending = false;
+    for (int slot : slots) {
+      if (slots_[slot].stale) {
+        stale.push_back(slot);
+      } else {
+        pending |= !slots_[slot].issued;
+      }
     }
+    if (stale.empty() && !pending) return waited;
+    waited = true;
+    if (stale.empty()) {
+      issued_cv_.wait(lock);
+    } else {
+      issue_demand(lock, stale);
+    }
+  }
+}
+
+// Copies the stale slots on the demand stream, unlocked, with one fence after the last.
+void ExpertCache::issue_demand(Lock& lock, const std::vector<int>& stale) {
+  std::vector<CopyRequest> copies;
+  for (int slot : stale) {
+    Slot& s = slots_[slot];
     s.stale = false;
     s.loading = true;
     s.issued = false;
-    CopyRequest request = copy_request(slot);
-    const SlotView view = views_[slot];
-    count(view.layer, &LayerStats::bytes_demand, std::uint64_t{request.bytes});
-    ++copies_outside_lock_;
-    lock.unlock();
-    std::string error;
-    try {
-      engine_.demand(request);
-    } catch (const std::exception& e) {
-      error = e.what();
-    }
-    lock.lock();
-    --copies_outside_lock_;
+    copies.push_back(copy_request(slot));
+    count(views_[slot].layer, &LayerStats::bytes_demand, std::uint64_t{copies.back().bytes});
+  }
+  ++calls_outside_lock_;
+  lock.unlock();
+  std::shared_ptr<Fence> done;
+  std::string error;
+  try {
+    done = copy_fences_.get();
+    engine_.demand(copies, *done);
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  lock.lock();
+  end_call_outside_lock();
+  std::ostringstream experts;
+  for (int slot : stale) {
+    Slot& s = slots_[slot];
     s.loading = false;
     s.issued = true;
     s.stale = !error.empty();
     s.demanded = false;
-    issued_cv_.notify_all();
-    if (!error.empty()) {
-      EF_THROW(BackendError, "copy of expert ", layout_.expert_of(view.key), " at layer ",
-               view.layer, " failed: ", error);
+    if (error.empty()) {
+      s.copy_fence = done;
+      s.read_fences.clear();  // the copy waited on them: ordered before its readers
     }
+    experts << (experts.tellp() > 0 ? ", " : "") << layout_.expert_of(views_[slot].key);
+  }
+  issued_cv_.notify_all();
+  if (!error.empty()) {
+    EF_THROW(BackendError, "copy of experts [", experts.str(), "] at layer ",
+             views_[stale.front()].layer, " failed: ", error);
   }
 }
 
@@ -260,29 +293,29 @@ void ExpertCache::retire_predictions(int layer, const std::vector<int>& keys) {
   }
 }
 
-std::vector<void*> ExpertCache::acquire(int layer, const std::vector<int>& experts,
-                                        StreamHandle stream) {
-  backend_->check_stream(stream);
+std::vector<int> ExpertCache::checked_acquire_keys(int layer,
+                                                  const std::vector<int>& experts) const {
   std::vector<int> keys = keys_of(layer, experts);
   const int n = static_cast<int>(keys.size());
   EF_CHECK(n <= num_slots_, "acquiring ", n, " experts at layer ", layer, " needs ", n,
            " slots; the cache has ", num_slots_);
-
   int evictable_keys = 0;
   for (int key : keys) evictable_keys += policy_->may_evict(key);
   EF_CHECK(evictable_keys <= num_slots_ - never_evicted_, "policy ", policy_name_, " keeps ",
            never_evicted_, " experts resident, leaving ", num_slots_ - never_evicted_,
            " slots for the others; acquiring ", evictable_keys, " of those at layer ", layer,
            " needs ", evictable_keys);
+  return keys;
+}
 
-  Lock lock(mutex_);
-  check_open();
-  wait_for_room(lock, layer, keys);
-
-  // Pin the resident ones, then choose victims for the rest; undo both if the policy
-  // refuses a victim or rejects the access.
+// Pins the resident experts' slots and gives victims to the others; changes nothing if the
+// policy refuses a victim or the access.
+std::vector<int> ExpertCache::pin_slots(int layer, const std::vector<int>& experts,
+                                        const std::vector<int>& keys,
+                                        std::vector<bool>& was_resident) {
+  const int n = static_cast<int>(keys.size());
   std::vector<int> slots(n, -1);
-  std::vector<bool> was_resident(n);
+  was_resident.assign(n, false);
   for (int i = 0; i < n; ++i) {
     slots[i] = slot_of_[keys[i]];
     was_resident[i] = slots[i] >= 0;
@@ -305,7 +338,7 @@ std::vector<void*> ExpertCache::acquire(int layer, const std::vector<int>& exper
       victims.push_back(victim);
       views_[victim].evictable = false;
     }
-    policy_->on_access(keys, tick_ + n);
+    policy_->check_access(keys);
   } catch (...) {
     for (int victim : victims) refresh_evictable(victim);
     for (int i = 0; i < n; ++i) {
@@ -315,18 +348,23 @@ std::vector<void*> ExpertCache::acquire(int layer, const std::vector<int>& exper
     }
     throw;
   }
-
-  // Committed.
-  std::vector<bool> missed(n, false);
-  ++stats_.acquires;
   for (int i = 0; i < n; ++i) {
-    int slot = slots[i];
-    Slot& s = slots_[slot];
-    if (!was_resident[i]) {
-      assign(slot, keys[i]);
-      ++s.pins;
-      refresh_evictable(slot);
-    } else if (s.prefetched && cancel_queued_prefetch(slot)) {
+    if (was_resident[i]) continue;
+    assign(slots[i], keys[i]);
+    ++slots_[slots[i]].pins;
+    refresh_evictable(slots[i]);
+  }
+  return slots;
+}
+
+// Counts each expert as a hit or a miss; returns which were misses.
+std::vector<bool> ExpertCache::count_lookups(int layer, const std::vector<int>& keys,
+                                             const std::vector<int>& slots,
+                                             const std::vector<bool>& was_resident) {
+  std::vector<bool> missed(keys.size(), false);
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    Slot& s = slots_[slots[i]];
+    if (was_resident[i] && s.prefetched && cancel_queued_prefetch(slots[i])) {
       // A late prefetch: predicted and given a slot, but not started. It is a hit (the
       // prediction was right) whose copy moves to the demand queue, which is faster.
       s.demanded = true;
@@ -334,7 +372,7 @@ std::vector<void*> ExpertCache::acquire(int layer, const std::vector<int>& exper
     }
     // A miss is an expert the cache had not taken in: counted once per copy on demand, by
     // the acquire that finds no copy done, under way or decided. Acquires that find one
-    // hit, and wait for it below.
+    // hit, and wait for it.
     if (s.stale && !s.demanded) {
       s.demanded = true;
       missed[i] = true;
@@ -348,36 +386,92 @@ std::vector<void*> ExpertCache::acquire(int layer, const std::vector<int>& exper
     }
     s.prefetched = false;
   }
+  return missed;
+}
+
+// The access becomes policy state once its copies were issued.
+void ExpertCache::commit_access(const std::vector<int>& keys, const std::vector<int>& slots,
+                                const std::vector<bool>& missed) {
+  const std::size_t n = keys.size();
+  policy_->on_access(keys, tick_ + n);
   // One tick per expert: the hits in the order asked, then the misses, which arrive last.
   for (bool misses : {false, true}) {
-    for (int i = 0; i < n; ++i) {
+    for (std::size_t i = 0; i < n; ++i) {
       if (missed[i] == misses) views_[slots[i]].last_use = ++tick_;
     }
   }
+}
+
+// Makes `stream` wait once for each distinct copy fence of `slots` still running, timing
+// the wait on the stream; returns the slots' addresses. Unlocks meanwhile.
+std::vector<void*> ExpertCache::wait_on_stream(Lock& lock, int layer,
+                                               const std::vector<int>& slots,
+                                               StreamHandle stream) {
+  // Read under the lock: close() frees the arena once no call is counted outside it.
+  std::vector<void*> addresses;
+  std::vector<std::shared_ptr<Fence>> fences;
+  for (int slot : slots) {
+    addresses.push_back(arena_->slot(slot));
+    const std::shared_ptr<Fence>& fence = slots_[slot].copy_fence;
+    if (fence != nullptr && std::find(fences.begin(), fences.end(), fence) == fences.end())
+      fences.push_back(fence);
+  }
+  ++calls_outside_lock_;
+  lock.unlock();
+  std::optional<PendingStall> stall;
+  try {
+    for (const std::shared_ptr<Fence>& fence : fences) {
+      if (backend_->query(*fence)) continue;
+      if (!stall) {
+        stall = PendingStall{layer, timers_.get(), timers_.get()};
+        backend_->record(*stall->start, stream);
+      }
+      backend_->wait(stream, *fence);
+    }
+    if (stall) backend_->record(*stall->end, stream);
+  } catch (...) {
+    lock.lock();
+    end_call_outside_lock();
+    unpin(slots);
+    throw;
+  }
+  lock.lock();
+  end_call_outside_lock();
+  if (stall) pending_stalls_.push_back(std::move(*stall));
+  return addresses;
+}
+
+void ExpertCache::end_call_outside_lock() {
+  if (--calls_outside_lock_ == 0) issued_cv_.notify_all();
+}
+
+std::vector<void*> ExpertCache::acquire(int layer, const std::vector<int>& experts,
+                                        StreamHandle stream, int stream_device) {
+  backend_->check_stream(stream, stream_device);
+  std::vector<int> keys = checked_acquire_keys(layer, experts);
+  collect_stalls(/*wait=*/false);
+
+  Lock lock(mutex_);
+  check_open();
+  wait_for_room(lock, layer, keys);
+  std::vector<bool> was_resident;
+  std::vector<int> slots = pin_slots(layer, experts, keys, was_resident);
+  ++stats_.acquires;
+  std::vector<bool> missed = count_lookups(layer, keys, slots, was_resident);
   current_layer_ = layer;
   retire_predictions(layer, keys);
 
   auto start = std::chrono::steady_clock::now();
   bool waited = false;
   try {
-    for (int slot : slots) {
-      waited |= !slots_[slot].issued || slots_[slot].stale;
-      ensure_issued(lock, slot);
-    }
+    waited = issue_copies(lock, slots);
   } catch (...) {
     unpin(slots);
     throw;
   }
   if (waited) count(layer, &LayerStats::stall_seconds, seconds_since(start));
-  lock.unlock();
-
-  // The slots are pinned and issued: their fences stay put until released.
-  std::vector<void*> addresses(n);
-  for (int i = 0; i < n; ++i) {
-    backend_->wait(stream, *slots_[slots[i]].copy_fence);
-    addresses[i] = arena_->slot(slots[i]);
-  }
-  return addresses;
+  commit_access(keys, slots, missed);
+  return wait_on_stream(lock, layer, slots, stream);
 }
 
 void ExpertCache::unpin(const std::vector<int>& slots) {
@@ -394,52 +488,38 @@ void ExpertCache::unpin(const std::vector<int>& slots) {
   slot_cv_.notify_all();
 }
 
-void ExpertCache::release(int layer, const std::vector<int>& experts, StreamHandle stream) {
-  backend_->check_stream(stream);
+void ExpertCache::release(int layer, const std::vector<int>& experts, StreamHandle stream,
+                          int stream_device) {
+  backend_->check_stream(stream, stream_device);
   std::vector<int> keys = keys_of(layer, experts);
-  std::vector<int> slots;
-  std::vector<int> need_fence;  // slots with no read fence for this stream yet
-  {
-    Lock lock(mutex_);
-    check_open();
-    for (std::size_t i = 0; i < keys.size(); ++i) {
-      int slot = slot_of_[keys[i]];
-      EF_CHECK(slot >= 0 && slots_[slot].pins > 0, "expert ", experts[i], " at layer ", layer,
-               " is not acquired, so it cannot be released");
-      slots.push_back(slot);
-      const auto& reads = slots_[slot].read_fences;
-      if (std::none_of(reads.begin(), reads.end(),
-                       [stream](const ReadFence& r) { return r.stream == stream; })) {
-        need_fence.push_back(slot);
-      }
-    }
-  }
-  // Fences are created outside the lock. The slots stay pinned by the caller until the
-  // unpin below, so nobody else reassigns them meanwhile.
-  std::vector<std::unique_ptr<Fence>> created;
-  for (std::size_t i = 0; i < need_fence.size(); ++i) created.push_back(backend_->create_fence());
-  std::vector<Fence*> fences;
-  {
-    Lock lock(mutex_);
-    for (std::size_t i = 0; i < need_fence.size(); ++i) {
-      auto& reads = slots_[need_fence[i]].read_fences;
-      if (std::none_of(reads.begin(), reads.end(),
-                       [stream](const ReadFence& r) { return r.stream == stream; })) {
-        reads.push_back(ReadFence{stream, std::move(created[i])});
-      }
-    }
-    for (int slot : slots) {
-      for (const ReadFence& read : slots_[slot].read_fences) {
-        if (read.stream == stream) fences.push_back(read.fence.get());
-      }
-    }
-  }
-  // Record before unpinning: a victim's copy must find the fence of these reads.
-  for (Fence* fence : fences) backend_->record(*fence, stream);
+  collect_stalls(/*wait=*/false);
+  // One fence for every slot of this release, recorded before they are unpinned: a
+  // victim's copy must find it. Recording it on a bad release is harmless.
+  std::shared_ptr<Fence> fence = copy_fences_.get();
+  backend_->record(*fence, stream);
+  const std::thread::id thread = std::this_thread::get_id();
+
   Lock lock(mutex_);
+  check_open();
+  std::vector<int> slots;
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    int slot = slot_of_[keys[i]];
+    EF_CHECK(slot >= 0 && slots_[slot].pins > 0, "expert ", experts[i], " at layer ", layer,
+             " is not acquired, so it cannot be released");
+    slots.push_back(slot);
+  }
+  // A fence replaces only one that this thread recorded on this stream handle: that one
+  // is earlier in the stream. Other threads' records on the same handle may be later, or
+  // on another stream altogether (cudaStreamPerThread names one stream per thread).
   for (int slot : slots) {
-    if (slots_[slot].pins == 0) {
-      EF_THROW(StateError, "slot ", slot, " was released more times than it was acquired");
+    std::vector<ReadFence>& reads = slots_[slot].read_fences;
+    auto same = std::find_if(reads.begin(), reads.end(), [&](const ReadFence& r) {
+      return r.stream == stream && r.thread == thread;
+    });
+    if (same != reads.end()) {
+      same->fence = fence;
+    } else {
+      reads.push_back(ReadFence{stream, thread, fence});
     }
   }
   unpin(slots);
@@ -510,13 +590,15 @@ void ExpertCache::prefetch(int layer, const std::vector<int>& experts,
   for (Job& job : jobs) {
     int slot = job.slot;
     std::uint64_t generation = job.generation;
-    TransferEngine::Callbacks callbacks{[this, slot, generation](const std::string& error) {
-                                          on_prefetch_issued(slot, generation, error);
-                                        },
-                                        [this, slot, generation](const std::string& error) {
-                                          on_prefetch_complete(slot, generation, error);
-                                        }};
-    tickets.push_back(engine_.prefetch(std::move(job.request), std::move(callbacks)));
+    std::shared_ptr<Fence> done = copy_fences_.get();
+    TransferEngine::Callbacks callbacks{
+        [this, slot, generation, done](const std::string& error) {
+          on_prefetch_issued(slot, generation, done, error);
+        },
+        [this, slot, generation](const std::string& error) {
+          on_prefetch_complete(slot, generation, error);
+        }};
+    tickets.push_back(engine_.prefetch(std::move(job.request), done, std::move(callbacks)));
   }
   Lock lock(mutex_);
   for (std::size_t i = 0; i < jobs.size(); ++i) {
@@ -525,13 +607,16 @@ void ExpertCache::prefetch(int layer, const std::vector<int>& experts,
   }
 }
 
-void ExpertCache::on_prefetch_issued(int slot, std::uint64_t generation, const std::string& error) {
+void ExpertCache::on_prefetch_issued(int slot, std::uint64_t generation,
+                                     std::shared_ptr<Fence> done, const std::string& error) {
   Lock lock(mutex_);
   Slot& s = slots_[slot];
   if (s.generation != generation) return;
   s.issued = true;
   s.ticket = 0;
   if (error.empty()) {
+    s.copy_fence = std::move(done);
+    s.read_fences.clear();  // the copy waited on them: ordered before its readers
     count(views_[slot].layer, &LayerStats::bytes_prefetch,
           std::uint64_t{layout_.bytes(views_[slot].key)});
   } else {
@@ -557,9 +642,40 @@ void ExpertCache::on_prefetch_complete(int slot, std::uint64_t generation,
   slot_cv_.notify_all();
 }
 
-CacheStats ExpertCache::stats() const {
+// Reads the device stall times that have completed (all of them when `wait`) into
+// stream_stall_seconds_. Backend calls run unlocked, on timers taken out of the list.
+void ExpertCache::collect_stalls(bool wait) const {
+  std::vector<PendingStall> pending;
+  {
+    Lock lock(mutex_);
+    pending.swap(pending_stalls_);
+  }
+  if (pending.empty()) return;
+  std::vector<std::pair<int, double>> read;
+  std::vector<PendingStall> unread;
+  for (PendingStall& stall : pending) {
+    if (wait) backend_->synchronize(*stall.end);
+    std::optional<double> seconds = backend_->elapsed_seconds(*stall.start, *stall.end);
+    if (seconds) {
+      read.emplace_back(stall.layer, *seconds);
+    } else {
+      unread.push_back(std::move(stall));
+    }
+  }
   Lock lock(mutex_);
-  return stats_;
+  for (const auto& [layer, seconds] : read) stream_stall_seconds_[layer] += seconds;
+  for (PendingStall& stall : unread) pending_stalls_.push_back(std::move(stall));
+}
+
+CacheStats ExpertCache::stats() const {
+  collect_stalls(/*wait=*/true);
+  Lock lock(mutex_);
+  CacheStats stats = stats_;
+  for (int layer = 0; layer < layout_.num_layers(); ++layer) {
+    stats.layers[layer].stall_seconds += stream_stall_seconds_[layer];
+    stats.stall_seconds += stream_stall_seconds_[layer];
+  }
+  return stats;
 }
 
 void ExpertCache::reset_stats() {
@@ -567,6 +683,8 @@ void ExpertCache::reset_stats() {
   check_open();
   stats_ = CacheStats{};
   stats_.layers.resize(layout_.num_layers());
+  stream_stall_seconds_.assign(layout_.num_layers(), 0.0);
+  pending_stalls_.clear();
 }
 
 int ExpertCache::pending_prefetches() const {
@@ -604,23 +722,30 @@ void ExpertCache::close() {
   issued_cv_.notify_all();
   slot_cv_.notify_all();
   engine_.shutdown();
-  // Every copy issued and every read released so far must finish before the slots go.
-  for (Slot& s : slots_) {
-    backend_->synchronize(*s.copy_fence);
-    for (ReadFence& read : s.read_fences) backend_->synchronize(*read.fence);
-  }
-  Lock lock(mutex_);
-  for (int slot = 0; slot < num_slots_; ++slot) {  // the shutdown dropped queued prefetches
-    Slot& s = slots_[slot];
-    if (s.loading && !s.issued && s.prefetched) {
-      s.loading = false;
-      count(views_[slot].layer, &LayerStats::prefetch_cancelled);
-      count(views_[slot].layer, &LayerStats::prefetch_wasted);
+  std::vector<std::shared_ptr<Fence>> fences;
+  std::unique_ptr<DeviceArena> arena;
+  {
+    Lock lock(mutex_);
+    for (int slot = 0; slot < num_slots_; ++slot) {  // the shutdown dropped queued prefetches
+      Slot& s = slots_[slot];
+      if (s.loading && !s.issued && s.prefetched) {
+        s.loading = false;
+        count(views_[slot].layer, &LayerStats::prefetch_cancelled);
+        count(views_[slot].layer, &LayerStats::prefetch_wasted);
+      }
     }
+    // Demand copies and stream waits that other threads began before the close use the
+    // slots; every later call finds the cache closed.
+    issued_cv_.wait(lock, [this] { return calls_outside_lock_ == 0; });
+    for (const Slot& s : slots_) {
+      if (s.copy_fence != nullptr) fences.push_back(s.copy_fence);
+      for (const ReadFence& read : s.read_fences) fences.push_back(read.fence);
+    }
+    arena = std::move(arena_);
   }
-  // A demand copy another thread started before the close may still be writing a slot.
-  issued_cv_.wait(lock, [this] { return copies_outside_lock_ == 0; });
-  arena_.reset();
+  // Every copy issued and every read released so far must finish before the slots go.
+  for (const std::shared_ptr<Fence>& fence : fences) backend_->synchronize(*fence);
+  arena.reset();  // cudaFree synchronises the device: never under the lock
 }
 
 }  // namespace expertflow

@@ -43,17 +43,27 @@ class CpuBackend final : public Backend {
   }
   void free_device(void* ptr) noexcept override { std::free(ptr); }
 
-  StreamHandle create_stream(bool) override { return 0; }
+  StreamHandle create_stream(bool) override {
+    injected_stream_failure();
+    return 0;
+  }
   void destroy_stream(StreamHandle) noexcept override {}
-  void check_stream(StreamHandle stream) const override {
+  void check_stream(StreamHandle stream, int stream_device) const override {
+    EF_CHECK(stream_device < 0, "a stream of cuda:", stream_device,
+             " cannot be used with the CPU backend; pass stream 0");
     EF_CHECK(stream == 0, "the CPU backend has no streams: pass stream 0, got ", stream);
   }
 
   std::unique_ptr<Fence> create_fence() override { return std::make_unique<CpuFence>(); }
-  // Work on the CPU "stream" ran synchronously on the thread that issued it.
+  std::unique_ptr<Fence> create_timer() override { return std::make_unique<CpuFence>(); }
+  // Work on the CPU "stream" ran synchronously on the thread that issued it: every fence
+  // is complete when recorded, and a stream never waits on the device side (the host time
+  // it waited is the caller's to measure).
   void record(Fence&, StreamHandle) override {}
   void wait(StreamHandle, Fence&) override {}
   void synchronize(Fence&) override {}
+  bool query(Fence&) override { return true; }
+  std::optional<double> elapsed_seconds(Fence&, Fence&) override { return 0.0; }
 
   void copy_to_device(void* dst, const void* src, std::size_t bytes, StreamHandle) override {
     injected_copy_fault();
@@ -91,6 +101,12 @@ class CpuBackend final : public Backend {
     if (!faults_.fail_alloc) return;
     faults_.fail_alloc = false;
     EF_THROW(OutOfMemory, "injected failure of a ", what, " allocation");
+  }
+  void injected_stream_failure() {
+    std::lock_guard<std::mutex> lock(fault_mutex_);
+    if (faults_.fail_stream > 0 && --faults_.fail_stream == 0) {
+      EF_THROW(BackendError, "injected failure of a stream creation");
+    }
   }
   void injected_copy_fault() {
     double delay_us;

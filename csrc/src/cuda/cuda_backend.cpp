@@ -2,6 +2,9 @@
 // non-blocking streams with priorities, and events as fences. Runtime API only.
 #include <cuda_runtime.h>
 
+#include <sstream>
+#include <string>
+
 #include "common/backends.h"
 #include "expertflow/backend.h"
 #include "expertflow/error.h"
@@ -31,18 +34,63 @@ namespace expertflow {
 
 namespace {
 
+// Makes `device` current for a scope and gives the caller's device back at its end, as
+// c10's CUDAGuard does; cudaSetDevice only when they differ, so that the usual case (the
+// caller already on the backend's device) costs one cudaGetDevice, a thread-local read.
+// A quiet guard (free paths, destructors) warns instead of throwing.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device, bool quiet = false) {
+    if (quiet) {
+      changed_ = cudaGetDevice(&previous_) == cudaSuccess && previous_ != device &&
+                 cudaSetDevice(device) == cudaSuccess;
+      return;
+    }
+    EF_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (previous_ != device) {
+      EF_CUDA_CHECK(cudaSetDevice(device));
+      changed_ = true;
+    }
+  }
+  ~DeviceGuard() {
+    if (changed_) EF_CUDA_CHECK_WARN(cudaSetDevice(previous_));
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+  bool changed_ = false;
+};
+
+// Every event the host may wait on blocks the waiting thread instead of spinning a core
+// (cudaEventBlockingSync). Plain fences skip timing, which makes record and wait cheaper.
 class CudaFence final : public Fence {
  public:
-  CudaFence() { EF_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming)); }
-  ~CudaFence() override { EF_CUDA_CHECK_WARN(cudaEventDestroy(event_)); }
+  CudaFence(int device, bool timing) : device_(device) {
+    DeviceGuard guard(device);  // an event belongs to the device current at its creation
+    unsigned flags = cudaEventBlockingSync | (timing ? 0u : unsigned{cudaEventDisableTiming});
+    EF_CUDA_CHECK(cudaEventCreateWithFlags(&event_, flags));
+  }
+  ~CudaFence() override {
+    DeviceGuard guard(device_, /*quiet=*/true);
+    EF_CUDA_CHECK_WARN(cudaEventDestroy(event_));
+  }
   cudaEvent_t event() const { return event_; }
 
  private:
+  int device_;
   cudaEvent_t event_ = nullptr;
 };
 
 cudaEvent_t event_of(Fence& fence) { return static_cast<CudaFence&>(fence).event(); }
 cudaStream_t stream_of(StreamHandle stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+std::string hex(StreamHandle stream) {
+  std::ostringstream out;
+  out << "0x" << std::hex << stream;
+  return out.str();
+}
 
 class CudaBackend final : public Backend {
  public:
@@ -61,7 +109,7 @@ class CudaBackend final : public Backend {
 
   void* alloc_host(std::size_t bytes) override {
     EF_CHECK(bytes > 0, "cannot allocate 0 bytes of pinned host memory");
-    select();
+    DeviceGuard guard(device_);
     void* ptr = nullptr;
     cudaError_t status = cudaHostAlloc(&ptr, bytes, cudaHostAllocPortable);
     if (status != cudaSuccess) {
@@ -70,16 +118,22 @@ class CudaBackend final : public Backend {
     }
     return ptr;
   }
-  void free_host(void* ptr) noexcept override { EF_CUDA_CHECK_WARN(cudaFreeHost(ptr)); }
+  void free_host(void* ptr) noexcept override {
+    DeviceGuard guard(device_, /*quiet=*/true);
+    EF_CUDA_CHECK_WARN(cudaFreeHost(ptr));
+  }
   void register_host(void* ptr, std::size_t bytes) override {
-    select();
+    DeviceGuard guard(device_);
     EF_CUDA_CHECK(cudaHostRegister(ptr, bytes, cudaHostRegisterPortable));
   }
-  void unregister_host(void* ptr) noexcept override { EF_CUDA_CHECK_WARN(cudaHostUnregister(ptr)); }
+  void unregister_host(void* ptr) noexcept override {
+    DeviceGuard guard(device_, /*quiet=*/true);
+    EF_CUDA_CHECK_WARN(cudaHostUnregister(ptr));
+  }
 
   void* alloc_device(std::size_t bytes) override {
     EF_CHECK(bytes > 0, "cannot allocate 0 bytes of device memory");
-    select();
+    DeviceGuard guard(device_);
     void* ptr = nullptr;
     cudaError_t status = cudaMalloc(&ptr, bytes);
     if (status != cudaSuccess) {
@@ -88,10 +142,14 @@ class CudaBackend final : public Backend {
     }
     return ptr;
   }
-  void free_device(void* ptr) noexcept override { EF_CUDA_CHECK_WARN(cudaFree(ptr)); }
+  // cudaFree synchronises the device: callers never hold a lock around it.
+  void free_device(void* ptr) noexcept override {
+    DeviceGuard guard(device_, /*quiet=*/true);
+    EF_CUDA_CHECK_WARN(cudaFree(ptr));
+  }
 
   StreamHandle create_stream(bool high_priority) override {
-    select();
+    DeviceGuard guard(device_);
     int lowest = 0, highest = 0;
     EF_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&lowest, &highest));
     cudaStream_t stream = nullptr;
@@ -100,42 +158,82 @@ class CudaBackend final : public Backend {
     return reinterpret_cast<StreamHandle>(stream);
   }
   void destroy_stream(StreamHandle stream) noexcept override {
+    DeviceGuard guard(device_, /*quiet=*/true);
     EF_CUDA_CHECK_WARN(cudaStreamDestroy(stream_of(stream)));
   }
-  void check_stream(StreamHandle stream) const override {
-    // The legacy (0) and per-thread (2) default streams belong to the current device.
-    if (stream == 0 || stream == reinterpret_cast<StreamHandle>(cudaStreamPerThread)) return;
+
+  void check_stream(StreamHandle stream, int stream_device) const override {
+    // A device the caller knows (a torch stream's) settles it without touching the handle.
+    if (stream_device >= 0) {
+      EF_CHECK(stream_device == device_, "stream ", hex(stream), " belongs to cuda:",
+               stream_device, ", not to this cache's cuda:", device_);
+      return;
+    }
+    if (stream == 0 || stream == reinterpret_cast<StreamHandle>(cudaStreamPerThread)) {
+      // A default stream means the caller's current device's: ordering it here, on ours,
+      // would not order the caller's work.
+      int current = -1;
+      EF_CUDA_CHECK(cudaGetDevice(&current));
+      EF_CHECK(current == device_, "the default stream ", hex(stream),
+               " belongs to the current device cuda:", current, ", not to this cache's cuda:",
+               device_, "; make cuda:", device_, " current or pass a stream of it");
+      return;
+    }
+    // A raw handle of unknown device. The cache is about to record on it and make it wait,
+    // which needs a live stream anyway (the caller's contract); asking its device first adds
+    // no risk beyond that and turns a live stream of another device into a clear error
+    // instead of cudaErrorInvalidResourceHandle, or a wait ordered on the wrong device.
     int device = -1;
     cudaError_t status = cudaStreamGetDevice(stream_of(stream), &device);
-    EF_CHECK(status == cudaSuccess, "stream 0x", std::hex, stream, std::dec,
+    EF_CHECK(status == cudaSuccess, "stream ", hex(stream),
              " is not a valid CUDA stream: ", cudaGetErrorString(status));
-    EF_CHECK(device == device_, "stream 0x", std::hex, stream, std::dec,
-             " belongs to cuda:", device, ", not to this cache's cuda:", device_);
+    EF_CHECK(device == device_, "stream ", hex(stream), " belongs to cuda:", device,
+             ", not to this cache's cuda:", device_);
   }
 
   std::unique_ptr<Fence> create_fence() override {
-    select();
-    return std::make_unique<CudaFence>();
+    return std::make_unique<CudaFence>(device_, /*timing=*/false);
+  }
+  std::unique_ptr<Fence> create_timer() override {
+    return std::make_unique<CudaFence>(device_, /*timing=*/true);
   }
   void record(Fence& fence, StreamHandle stream) override {
-    select();
+    DeviceGuard guard(device_);  // the legacy default stream is the current device's
     EF_CUDA_CHECK(cudaEventRecord(event_of(fence), stream_of(stream)));
   }
   void wait(StreamHandle stream, Fence& fence) override {
-    select();
+    DeviceGuard guard(device_);
     EF_CUDA_CHECK(cudaStreamWaitEvent(stream_of(stream), event_of(fence), 0));
   }
-  void synchronize(Fence& fence) override { EF_CUDA_CHECK(cudaEventSynchronize(event_of(fence))); }
+  void synchronize(Fence& fence) override {
+    DeviceGuard guard(device_);
+    EF_CUDA_CHECK(cudaEventSynchronize(event_of(fence)));
+  }
+  bool query(Fence& fence) override {
+    DeviceGuard guard(device_);
+    cudaError_t status = cudaEventQuery(event_of(fence));
+    if (status == cudaErrorNotReady) return false;
+    EF_CUDA_CHECK(status);
+    return true;
+  }
+  std::optional<double> elapsed_seconds(Fence& start, Fence& end) override {
+    // start precedes end on one stream, so end complete means both are; polling with
+    // cudaEventQuery first is what the runtime documents.
+    if (!query(end)) return std::nullopt;
+    DeviceGuard guard(device_);
+    float ms = 0.0f;
+    cudaError_t status = cudaEventElapsedTime(&ms, event_of(start), event_of(end));
+    if (status == cudaErrorNotReady) return std::nullopt;
+    EF_CUDA_CHECK(status);
+    return static_cast<double>(ms) * 1e-3;
+  }
 
   void copy_to_device(void* dst, const void* src, std::size_t bytes, StreamHandle stream) override {
-    select();
+    DeviceGuard guard(device_);
     EF_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_of(stream)));
   }
 
  private:
-  // The runtime's current device is per thread; every entry point sets it.
-  void select() const { EF_CUDA_CHECK(cudaSetDevice(device_)); }
-
   int device_;
 };
 
