@@ -77,6 +77,38 @@ TEST(failed_allocations_raise_out_of_memory_and_leave_nothing_behind) {
   cache.release(0, {0, 1}, 0);
 }
 
+// Policy state is committed once the copies were issued: a failed copy leaves it as it was.
+TEST(a_failed_copy_leaves_belady_at_its_position) {
+  auto pool = ef_fixture::make_pool(1, 6, 4096);
+  ef::PolicyOptions options = ef_fixture::policy("belady");
+  options.future = {{0}, {1}, {2}, {0}};
+  ef::ExpertCache cache(pool, 2, options);
+  EXPECT_EQ(ef_fixture::use(cache, 0, {0}), 0);
+  ef::testing::inject_faults(pool->backend(), {.fail_copy = 1});
+  EXPECT_THROW(cache.acquire(0, {1}, 0), ef::BackendError);
+  // Still at the second acquire of its future: the retry is the one it expects.
+  EXPECT_EQ(ef_fixture::use(cache, 0, {1}), 0);
+  EXPECT_EQ(ef_fixture::use(cache, 0, {2}), 0);
+  EXPECT_EQ(ef_fixture::use(cache, 0, {0}), 0);
+}
+
+TEST(a_failed_copy_leaves_lfu_counts_as_they_were) {
+  Rig rig(2);
+  rig.cache = std::make_unique<ef::ExpertCache>(rig.pool, 2, ef_fixture::policy("lfu"));
+  const int a = 0, b = 1, c = 2, d = 3;
+  for (int e : {a, a, b}) EXPECT_EQ(ef_fixture::use(*rig.cache, 0, {e}), 0);  // a: 2, b: 1
+  rig.inject({.fail_copy = 1});
+  EXPECT_THROW(rig.cache->acquire(0, {c}, 0), ef::BackendError);  // c: still 0
+  EXPECT_EQ(ef_fixture::use(*rig.cache, 0, {c}), 0);                // c: 1
+  // d evicts the least frequently used: c (1 < 2). Had the failed acquire counted, c would
+  // tie with a at 2 and a, the less recently accessed, would go.
+  EXPECT_EQ(ef_fixture::use(*rig.cache, 0, {d}), 0);
+  EXPECT_TRUE(rig.cache->resident(0, a));
+  EXPECT_TRUE(!rig.cache->resident(0, c));
+  EXPECT_EQ(ef_fixture::use(*rig.cache, 1, {4, 5}), 0);
+  EXPECT_EQ(ef_fixture::use(*rig.cache, 0, {c, a}), 0);
+}
+
 TEST(fault_injection_needs_the_cpu_backend) {
   // A backend that is not the CPU one is refused by name.
   class Other final : public ef::Backend {
