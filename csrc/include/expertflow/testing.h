@@ -45,6 +45,9 @@ class CountingBackend final : public Backend {
 
   const CallCounts& counts() const { return counts_; }
   Backend& inner() const { return *inner_; }
+  // What elapsed_seconds() reports from now on instead of the inner backend's answer, so
+  // that tests can follow device stall times through the cache's accounting.
+  void report_elapsed(double seconds) { elapsed_ = seconds; }
 
   DeviceKind kind() const override;
   std::string name() const override;
@@ -70,6 +73,7 @@ class CountingBackend final : public Backend {
  private:
   std::shared_ptr<Backend> inner_;
   bool fences_complete_;
+  std::atomic<double> elapsed_{-1.0};  // < 0: the inner backend's
   CallCounts counts_;
 };
 
