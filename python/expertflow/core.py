@@ -2,8 +2,8 @@
 
 The native classes do the work; these add what a Python caller expects: `close()` and
 context-manager use, budgets such as "12GiB", (layer, expert) pairs instead of flat keys,
-and streams given as integers or as objects with a `cuda_stream` attribute
-(torch.cuda.Stream).
+and streams given as integers or as objects with `cuda_stream` and `device` attributes
+(torch.cuda.Stream), whose device is checked against the cache's.
 """
 
 from __future__ import annotations
@@ -63,8 +63,40 @@ def parse_device(device: str) -> tuple[str, int]:
     return match.group(1), int(match.group(2) or 0)
 
 
-def _stream_handle(stream: Any) -> int:
-    return int(getattr(stream, "cuda_stream", stream))
+def _device_name(device: Any) -> tuple[str, int | None]:
+    """("cuda", 1) from torch.device("cuda", 1) or "cuda:1"; the index is None if unnamed."""
+    kind = getattr(device, "type", None)
+    if kind is not None:
+        return str(kind), getattr(device, "index", None)
+    match = re.fullmatch(r"(\w+)(?::(\d+))?", str(device))
+    if match is None:
+        raise ValueError(f"cannot read the device of a stream: {device!r}")
+    return match.group(1), None if match.group(2) is None else int(match.group(2))
+
+
+def _stream_args(stream: Any, cache_device: str) -> tuple[int, int]:
+    """(handle, device index or -1) for a stream given to a cache on `cache_device`.
+
+    A stream object (torch.cuda.Stream: `cuda_stream` and `device`) names its device, and
+    one of another device than the cache's is refused here, before its handle reaches any
+    CUDA call. A plain int is a raw handle of unknown device (-1): it must name a live
+    stream, and the core checks what the runtime can tell about it.
+    """
+    if not hasattr(stream, "cuda_stream"):
+        return int(stream), -1
+    handle = int(stream.cuda_stream)
+    device = getattr(stream, "device", None)
+    if device is None:
+        return handle, -1
+    kind, index = _device_name(device)
+    cache_kind, cache_index = parse_device(cache_device)
+    named = kind if index is None else f"{kind}:{index}"
+    if kind != cache_kind or (kind == "cuda" and index is not None and index != cache_index):
+        raise ValueError(
+            f"stream {handle:#x} belongs to {named}, but the cache is on {cache_device}; "
+            f"pass a stream of {cache_device}"
+        )
+    return handle, -1 if index is None or kind != "cuda" else index
 
 
 class HostPool:
@@ -176,7 +208,7 @@ class ExpertCache:
 
     def acquire(self, layer: int, experts: Sequence[int], stream: Any = 0) -> list[int]:
         """Slot addresses of the experts, safe to read on `stream`; pinned until release."""
-        return self._cache.acquire(layer, list(experts), _stream_handle(stream))
+        return self._cache.acquire(layer, list(experts), *_stream_args(stream, self.pool.device))
 
     def prefetch(
         self, layer: int, experts: Sequence[int], scores: Sequence[float] | None = None
@@ -192,7 +224,7 @@ class ExpertCache:
 
     def release(self, layer: int, experts: Sequence[int], stream: Any = 0) -> None:
         """`stream` has enqueued its last read of the experts' slots."""
-        self._cache.release(layer, list(experts), _stream_handle(stream))
+        self._cache.release(layer, list(experts), *_stream_args(stream, self.pool.device))
 
     def stats(self) -> dict[str, Any]:
         """Counters since creation or reset_stats(), as plain data; see the README."""

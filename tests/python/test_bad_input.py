@@ -305,6 +305,60 @@ def test_stream_on_cpu_backend(cache, patterns, round_trip, stream):
     round_trip(cache, patterns, 0, [0, 1, 2])
 
 
+class DeviceStream:
+    """Duck-types torch.cuda.Stream with its device: .cuda_stream and .device."""
+
+    def __init__(self, handle: int, device: object) -> None:
+        self.cuda_stream = handle
+        self.device = device
+
+
+class Device:
+    """Duck-types torch.device: .type and .index."""
+
+    def __init__(self, kind: str, index: int | None) -> None:
+        self.type = kind
+        self.index = index
+
+
+@pytest.mark.parametrize(
+    ("device", "named"),
+    [(Device("cuda", 1), "cuda:1"), ("cuda:0", "cuda:0"), (Device("cuda", None), "cuda")],
+    ids=["torch-device", "string", "no-index"],
+)
+def test_stream_of_a_cuda_device_on_a_cpu_cache(cache, patterns, round_trip, device, named):
+    """Refused by the facade, naming both devices, before its handle reaches the core."""
+    stream = DeviceStream(0x5000, device)
+    message = re.escape(f"stream 0x5000 belongs to {named}, but the cache is on cpu")
+    before = cache.stats()
+    with pytest.raises(ValueError, match=message):
+        cache.acquire(0, [1], stream=stream)
+    unchanged(cache, before)
+    cache.acquire(0, [1])
+    with pytest.raises(ValueError, match=message):
+        cache.release(0, [1], stream=stream)
+    cache.release(0, [1])
+    round_trip(cache, patterns, 0, [0, 1, 2])
+
+
+def test_stream_device_reaches_the_core(cache, patterns, round_trip):
+    """The core refuses a stream said to be on a CUDA device too, naming it."""
+    native = cache._cache
+    with pytest.raises(ValueError, match="a stream of cuda:2 cannot be used with the CPU backend"):
+        native.acquire(0, [1], 0, 2)
+    native.acquire(0, [1], 0, -1)
+    with pytest.raises(ValueError, match="a stream of cuda:2 cannot be used with the CPU backend"):
+        native.release(0, [1], 0, 2)
+    native.release(0, [1], 0, -1)
+    round_trip(cache, patterns, 0, [0, 1, 2])
+
+
+def test_a_cpu_stream_object_is_accepted_by_a_cpu_cache(cache, patterns, check_slots):
+    stream = DeviceStream(0, Device("cpu", None))
+    check_slots(cache.acquire(0, [1, 2], stream=stream), 0, [1, 2], patterns)
+    cache.release(0, [1, 2], stream=stream)
+
+
 def test_bad_layout(patterns):
     with pytest.raises(ValueError, match="num_layers must be positive, got 0"):
         ef.ExpertLayout(0, 4, 100)
