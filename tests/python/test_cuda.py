@@ -2,7 +2,8 @@
 reason, where the build says CUDA is not usable.
 
 Slot contents are read back with the CUDA runtime (libcudart through ctypes) or, for the
-stream test, with torch; tests that need one and find none are skipped.
+stream tests, with torch; tests that need one and find none are skipped, as are those that
+need two devices on a machine with one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 
 import expertflow as ef
 import pytest
+from test_threads import race_close
 
 pytestmark = pytest.mark.cuda
 
@@ -85,7 +87,9 @@ def test_cuda_cache_stats_and_residency(make_pool):
         stats = cache.stats()
         assert (stats["hits"], stats["misses"], stats["evictions"]) == (2, 5, 3)
         assert stats["bytes_demand"] == 5 * 4000
-        assert stats["layers"][0] == {"hits": 2, "prefetch_hits": 0, "misses": 5}
+        layer = stats["layers"][0]
+        assert (layer["hits"], layer["prefetch_hits"], layer["misses"]) == (2, 0, 5)
+        assert stats["layers"][1]["misses"] == 0
 
         cache.prefetch(1, [3])
         deadline = time.monotonic() + 5
@@ -153,3 +157,101 @@ def test_torch_stream_object(make_pool):
             cache.release(layer, experts, stream=stream)
         stats = cache.stats()
         assert stats["misses"] == 6
+
+
+CHUNK = 4 << 20  # TransferEngine::kPrefetchChunkBytes
+
+
+@pytest.fixture
+def torch_cuda():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no usable CUDA")
+    return torch
+
+
+def test_prefetch_of_several_chunks_arrives_whole(make_pool, cudart):
+    size = 3 * CHUNK + CHUNK // 2 + 300  # four chunks, the last one short
+    patterns = make_pool(1, 3, size, device="cuda")
+    with ef.ExpertCache(patterns.pool, slots=2) as cache:
+        cache.prefetch(0, [1])
+        deadline = time.monotonic() + 10
+        while cache.pending_prefetches():
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        assert cache.stats()["bytes_prefetch"] == size
+        addresses = cache.acquire(0, [1, 2])  # a prefetch hit and a demand copy
+        for address, expert in zip(addresses, [1, 2]):
+            assert read_device(cudart, address, size) == patterns.blobs[(0, expert)]
+        cache.release(0, [1, 2])
+        assert cache.stats()["prefetch_hits"] == 1
+
+
+def test_current_device_is_left_as_it_was(make_pool, torch_cuda):
+    torch = torch_cuda
+    last = torch.cuda.device_count() - 1
+    previous = torch.cuda.current_device()
+    stream = torch.cuda.Stream(device=0)
+    torch.cuda.set_device(last)
+    try:
+        patterns = make_pool(2, 4, 8192, device="cuda:0")
+        assert torch.cuda.current_device() == last
+        cache = ef.ExpertCache(patterns.pool, slots=3, prefetch_streams=2)
+        assert torch.cuda.current_device() == last
+        cache.prefetch(1, [3])
+        for layer, experts in [(0, [0, 1]), (1, [2, 3])]:
+            cache.acquire(layer, experts, stream=stream)
+            cache.release(layer, experts, stream=stream)
+            assert torch.cuda.current_device() == last
+        cache.stats()
+        cache.close()
+        del cache, patterns
+        assert torch.cuda.current_device() == last
+    finally:
+        torch.cuda.set_device(previous)
+
+
+def test_stream_of_another_device_is_refused(make_pool, torch_cuda):
+    """A stream object naming another device is refused by the facade; with two devices, a
+    real one and the default stream under another current device are refused too."""
+    torch = torch_cuda
+
+    class Elsewhere:
+        cuda_stream = 0xDEAD0  # never handed to CUDA: the device settles it
+        device = torch.device("cuda", 1)
+
+    patterns = make_pool(1, 4, 4096, device="cuda")
+    with ef.ExpertCache(patterns.pool, slots=2) as cache:
+        with pytest.raises(ValueError, match="belongs to cuda:1, but the cache is on cuda:0"):
+            cache.acquire(0, [0], stream=Elsewhere())
+        if torch.cuda.device_count() >= 2:
+            with pytest.raises(ValueError, match="belongs to cuda:1, but the cache is on cuda:0"):
+                cache.acquire(0, [0], stream=torch.cuda.Stream(device=1))
+            with torch.cuda.device(1):
+                with pytest.raises(ValueError, match="current device cuda:1, not to this cache"):
+                    cache.acquire(0, [0])
+                assert torch.cuda.current_device() == 1
+        stream = torch.cuda.Stream(device=0)
+        cache.acquire(0, [0, 1], stream=stream)  # still usable
+        cache.release(0, [0, 1], stream=stream)
+        assert cache.stats()["misses"] == 2
+
+
+def test_stall_is_the_time_the_stream_waited(make_pool, torch_cuda):
+    torch = torch_cuda
+    size = 32 << 20
+    patterns = make_pool(2, 2, size, device="cuda")
+    stream = torch.cuda.Stream(device=0)
+    with ef.ExpertCache(patterns.pool, slots=2) as cache:
+        cache.acquire(1, [0, 1], stream=stream)  # the stream waits for 64 MiB of copies
+        cache.release(1, [0, 1], stream=stream)
+        stats = cache.stats()
+        assert stats["layers"][1]["stall_seconds"] > 1e-5
+        assert stats["layers"][0]["stall_seconds"] == 0.0
+        assert stats["stall_seconds"] == pytest.approx(stats["layers"][1]["stall_seconds"])
+
+
+def test_close_during_acquires(make_pool):
+    patterns = make_pool(2, 8, 65536, device="cuda")
+    for round_ in range(5):
+        assert race_close(ef.ExpertCache(patterns.pool, slots=6), 0.001 * round_) == []

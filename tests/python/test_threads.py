@@ -192,3 +192,38 @@ def test_static_waits_for_a_streaming_slot(make_pool, check_slots, busy):
         finally:
             if busy == "pinned":
                 timer.join()
+
+
+def race_close(cache: ef.ExpertCache, delay: float, threads: int = 4) -> list[BaseException]:
+    """Threads acquire and release until close() runs under them; returns what else failed."""
+    errors: list[BaseException] = []
+    started = threading.Barrier(threads + 1)
+
+    def work(offset: int) -> None:
+        started.wait()
+        for i in range(100_000):
+            experts = [(offset + i) % 8]
+            try:
+                cache.acquire(i % 2, experts)
+                cache.release(i % 2, experts)
+            except RuntimeError as error:
+                if "closed" not in str(error):
+                    errors.append(error)
+                return
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for worker in workers:
+        worker.start()
+    started.wait()
+    time.sleep(delay)
+    cache.close()
+    for worker in workers:
+        worker.join()
+    return errors
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.002])
+def test_close_during_acquires(make_pool, delay):
+    """Every call either completes or says the cache is closed; nothing else fails."""
+    patterns = make_pool(2, 8, 4096)
+    assert race_close(ef.ExpertCache(patterns.pool, slots=6), delay) == []
