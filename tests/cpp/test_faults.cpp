@@ -99,7 +99,7 @@ TEST(a_failed_copy_leaves_lfu_counts_as_they_were) {
   for (int e : {a, a, b}) EXPECT_EQ(ef_fixture::use(*rig.cache, 0, {e}), 0);  // a: 2, b: 1
   rig.inject({.fail_copy = 1});
   EXPECT_THROW(rig.cache->acquire(0, {c}, 0), ef::BackendError);  // c: still 0
-  EXPECT_EQ(ef_fixture::use(*rig.cache, 0, {c}), 0);                // c: 1
+  EXPECT_EQ(ef_fixture::use(*rig.cache, 0, {c}), 0);              // c: 1
   // d evicts the least frequently used: c (1 < 2). Had the failed acquire counted, c would
   // tie with a at 2 and a, the less recently accessed, would go.
   EXPECT_EQ(ef_fixture::use(*rig.cache, 0, {d}), 0);

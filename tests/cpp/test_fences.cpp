@@ -17,8 +17,8 @@ struct Rig {
   std::shared_ptr<ef::HostPool> pool;
   std::unique_ptr<ef::ExpertCache> cache;
   Rig(bool fences_complete, int slots, ef::ExpertLayout layout = ef::ExpertLayout(2, 16, 4096)) {
-    backend = std::make_shared<CountingBackend>(ef::make_backend(ef::DeviceKind::kCpu),
-                                                fences_complete);
+    backend =
+        std::make_shared<CountingBackend>(ef::make_backend(ef::DeviceKind::kCpu), fences_complete);
     pool = std::make_shared<ef::HostPool>(backend, std::move(layout));
     ef_fixture::fill_pattern(*pool);
     cache = std::make_unique<ef::ExpertCache>(pool, slots, ef_fixture::policy("lru"));

@@ -67,8 +67,7 @@ class CountingBackend final : public Backend {
   void synchronize(Fence& fence) override;
   bool query(Fence& fence) override;
   std::optional<double> elapsed_seconds(Fence& start, Fence& end) override;
-  void copy_to_device(void* dst, const void* src, std::size_t bytes,
-                      StreamHandle stream) override;
+  void copy_to_device(void* dst, const void* src, std::size_t bytes, StreamHandle stream) override;
 
  private:
   std::shared_ptr<Backend> inner_;

@@ -294,7 +294,7 @@ void ExpertCache::retire_predictions(int layer, const std::vector<int>& keys) {
 }
 
 std::vector<int> ExpertCache::checked_acquire_keys(int layer,
-                                                  const std::vector<int>& experts) const {
+                                                   const std::vector<int>& experts) const {
   std::vector<int> keys = keys_of(layer, experts);
   const int n = static_cast<int>(keys.size());
   EF_CHECK(n <= num_slots_, "acquiring ", n, " experts at layer ", layer, " needs ", n,
@@ -404,8 +404,7 @@ void ExpertCache::commit_access(const std::vector<int>& keys, const std::vector<
 
 // Makes `stream` wait once for each distinct copy fence of `slots` still running, timing
 // the wait on the stream; returns the slots' addresses. Unlocks meanwhile.
-std::vector<void*> ExpertCache::wait_on_stream(Lock& lock, int layer,
-                                               const std::vector<int>& slots,
+std::vector<void*> ExpertCache::wait_on_stream(Lock& lock, int layer, const std::vector<int>& slots,
                                                StreamHandle stream) {
   // Read under the lock: close() frees the arena once no call is counted outside it.
   std::vector<void*> addresses;
@@ -591,13 +590,12 @@ void ExpertCache::prefetch(int layer, const std::vector<int>& experts,
     int slot = job.slot;
     std::uint64_t generation = job.generation;
     std::shared_ptr<Fence> done = copy_fences_.get();
-    TransferEngine::Callbacks callbacks{
-        [this, slot, generation, done](const std::string& error) {
-          on_prefetch_issued(slot, generation, done, error);
-        },
-        [this, slot, generation](const std::string& error) {
-          on_prefetch_complete(slot, generation, error);
-        }};
+    TransferEngine::Callbacks callbacks{[this, slot, generation, done](const std::string& error) {
+                                          on_prefetch_issued(slot, generation, done, error);
+                                        },
+                                        [this, slot, generation](const std::string& error) {
+                                          on_prefetch_complete(slot, generation, error);
+                                        }};
     tickets.push_back(engine_.prefetch(std::move(job.request), done, std::move(callbacks)));
   }
   Lock lock(mutex_);

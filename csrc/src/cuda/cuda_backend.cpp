@@ -165,8 +165,8 @@ class CudaBackend final : public Backend {
   void check_stream(StreamHandle stream, int stream_device) const override {
     // A device the caller knows (a torch stream's) settles it without touching the handle.
     if (stream_device >= 0) {
-      EF_CHECK(stream_device == device_, "stream ", hex(stream), " belongs to cuda:",
-               stream_device, ", not to this cache's cuda:", device_);
+      EF_CHECK(stream_device == device_, "stream ", hex(stream), " belongs to cuda:", stream_device,
+               ", not to this cache's cuda:", device_);
       return;
     }
     if (stream == 0 || stream == reinterpret_cast<StreamHandle>(cudaStreamPerThread)) {
@@ -175,8 +175,9 @@ class CudaBackend final : public Backend {
       int current = -1;
       EF_CUDA_CHECK(cudaGetDevice(&current));
       EF_CHECK(current == device_, "the default stream ", hex(stream),
-               " belongs to the current device cuda:", current, ", not to this cache's cuda:",
-               device_, "; make cuda:", device_, " current or pass a stream of it");
+               " belongs to the current device cuda:", current,
+               ", not to this cache's cuda:", device_, "; make cuda:", device_,
+               " current or pass a stream of it");
       return;
     }
     // A raw handle of unknown device. The cache is about to record on it and make it wait,
