@@ -286,31 +286,10 @@ def test_bad_link_model(patterns, kwargs, message):
 
 
 class FakeStream:
-    def __init__(self, handle: int) -> None:
+    def __init__(self, handle: int, device: object = None) -> None:
         self.cuda_stream = handle
-
-
-@pytest.mark.parametrize("stream", [7, FakeStream(0xDEAD)], ids=["int", "object"])
-def test_stream_on_cpu_backend(cache, patterns, round_trip, stream):
-    handle = getattr(stream, "cuda_stream", stream)
-    message = re.escape(f"pass stream 0, got {handle}")
-    before = cache.stats()
-    with pytest.raises(ValueError, match=message):
-        cache.acquire(0, [1], stream=stream)
-    unchanged(cache, before)
-    cache.acquire(0, [1])
-    with pytest.raises(ValueError, match=message):
-        cache.release(0, [1], stream=stream)
-    cache.release(0, [1])  # still pinned after the failed release
-    round_trip(cache, patterns, 0, [0, 1, 2])
-
-
-class DeviceStream:
-    """Duck-types torch.cuda.Stream with its device: .cuda_stream and .device."""
-
-    def __init__(self, handle: int, device: object) -> None:
-        self.cuda_stream = handle
-        self.device = device
+        if device is not None:
+            self.device = device  # as torch.cuda.Stream has
 
 
 class Device:
@@ -321,15 +300,25 @@ class Device:
         self.index = index
 
 
+def wrong_device(named: str) -> str:
+    return f"stream 0x5000 belongs to {named}, but the cache is on cpu"
+
+
 @pytest.mark.parametrize(
-    ("device", "named"),
-    [(Device("cuda", 1), "cuda:1"), ("cuda:0", "cuda:0"), (Device("cuda", None), "cuda")],
-    ids=["torch-device", "string", "no-index"],
+    ("stream", "message"),
+    [
+        (7, "pass stream 0, got 7"),
+        (FakeStream(0xDEAD), f"pass stream 0, got {0xDEAD}"),
+        # A stream object naming a CUDA device is refused by the facade, naming both
+        # devices, before its handle reaches the core.
+        (FakeStream(0x5000, Device("cuda", 1)), wrong_device("cuda:1")),
+        (FakeStream(0x5000, "cuda:0"), wrong_device("cuda:0")),
+        (FakeStream(0x5000, Device("cuda", None)), wrong_device("cuda")),
+    ],
+    ids=["int", "object", "cuda-device", "cuda-string", "cuda-no-index"],
 )
-def test_stream_of_a_cuda_device_on_a_cpu_cache(cache, patterns, round_trip, device, named):
-    """Refused by the facade, naming both devices, before its handle reaches the core."""
-    stream = DeviceStream(0x5000, device)
-    message = re.escape(f"stream 0x5000 belongs to {named}, but the cache is on cpu")
+def test_stream_on_cpu_backend(cache, patterns, round_trip, stream, message):
+    message = re.escape(message)
     before = cache.stats()
     with pytest.raises(ValueError, match=message):
         cache.acquire(0, [1], stream=stream)
@@ -337,7 +326,7 @@ def test_stream_of_a_cuda_device_on_a_cpu_cache(cache, patterns, round_trip, dev
     cache.acquire(0, [1])
     with pytest.raises(ValueError, match=message):
         cache.release(0, [1], stream=stream)
-    cache.release(0, [1])
+    cache.release(0, [1])  # still pinned after the failed release
     round_trip(cache, patterns, 0, [0, 1, 2])
 
 
@@ -354,7 +343,7 @@ def test_stream_device_reaches_the_core(cache, patterns, round_trip):
 
 
 def test_a_cpu_stream_object_is_accepted_by_a_cpu_cache(cache, patterns, check_slots):
-    stream = DeviceStream(0, Device("cpu", None))
+    stream = FakeStream(0, Device("cpu", None))
     check_slots(cache.acquire(0, [1, 2], stream=stream), 0, [1, 2], patterns)
     cache.release(0, [1, 2], stream=stream)
 
