@@ -38,7 +38,10 @@ HISTORY_WEIGHT = 0.5  # the history's share of a merged score; the router's is 1
 def find_router(
     model: torch.nn.Module, experts_name: str, num_experts: int
 ) -> torch.nn.Module | None:
-    """The router beside an experts module: a sibling whose weight has one row per expert."""
+    """The router beside an experts module: a sibling whose weight has one row per expert,
+    and that routes a hidden state on its own. Some routers need what only their MoE block
+    passes (a hash router's input ids, an expert bias or a score correction given as an
+    argument); gate lookahead cannot call those, so their layers predict by history."""
     parent_name, _, own_name = experts_name.rpartition(".")
     for name, child in model.get_submodule(parent_name).named_children():
         weight = getattr(child, "weight", None)
@@ -48,8 +51,17 @@ def find_router(
             and weight.dim() == 2
             and (weight.shape[0] == num_experts)
         ):
-            return child
+            return child if _routes_on_its_own(child, weight) else None
     return None
+
+
+def _routes_on_its_own(router: torch.nn.Module, weight: torch.Tensor) -> bool:
+    probe = torch.randn(2, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            return router_choice(router, probe.to(weight.device, weight.dtype)) is not None
+    except (TypeError, RuntimeError, ValueError):  # an argument it needs and did not get
+        return False
 
 
 def router_choice(router: torch.nn.Module, hidden_states: torch.Tensor):

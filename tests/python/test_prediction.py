@@ -210,3 +210,22 @@ def test_the_layer_time_leaves_out_waits_for_copies():
 
 def find_prefetcher(model) -> Prefetcher:
     return find_experts(model)[0].module.__dict__["_expertflow"].prefetcher
+
+
+def test_a_router_that_needs_its_blocks_arguments_leaves_prediction_to_history():
+    """LFM2-MoE's router adds an expert bias its MoE block passes in: called on a hidden
+    state alone it fails, so gate lookahead skips it and offload() still runs exactly."""
+    import transformers
+
+    if not hasattr(transformers, "Lfm2MoeForCausalLM"):
+        pytest.skip(f"transformers {transformers.__version__} has no LFM2-MoE")
+    config, special = tm.tiny_config(transformers.Lfm2MoeConfig)
+    torch.manual_seed(0)
+    model = transformers.Lfm2MoeForCausalLM(config).eval()
+    plans = find_experts(model)
+    assert plans and all(find_router(model, p.name, p.num_experts) is None for p in plans)
+    ids = torch.tensor([[t for t in range(10, 60) if t not in special][:12]])
+    with torch.no_grad():
+        reference = model(ids).logits
+        with ef.offload(model, "cpu", slots=plans[0].num_experts, predictor="combined"):
+            torch.testing.assert_close(model(ids).logits, reference, rtol=1e-5, atol=1e-6)
