@@ -264,11 +264,12 @@ def offload(
         _move_non_experts(plan, undo)
         reads = HostReads(plan.device, plan.num_experts)
         table = Slots(cache, arena_tensor(cache, plan.device), plan.device, reads)
+        routers = plan.routers() if prefetch or cache_aware_routing is not None else []
         prefetcher = None
         if prefetch and plan.fused:
             prefetcher = Prefetcher(
                 cache,
-                plan.routers(),
+                routers,
                 plan.num_experts,
                 plan.top_k,
                 predictor,
@@ -278,9 +279,7 @@ def offload(
             )
         lossy = None
         if cache_aware_routing is not None:
-            lossy = CacheAwareRouting(
-                float(cache_aware_routing), cache, plan.routers(), plan.num_experts
-            )
+            lossy = CacheAwareRouting(float(cache_aware_routing), cache, routers, plan.num_experts)
         _patch(plan, table, prefetcher, lossy, undo)
     except BaseException:
         _undo(model, undo)
