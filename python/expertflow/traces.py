@@ -3,7 +3,12 @@
 Format (JSON lines). The first line is the header:
 
     {"format": "expertflow-trace", "version": 1, "layers": 32, "experts_per_layer": 8,
-     "top_k": 2, "expert_bytes": 352321536, "source": "..."}
+     "top_k": 2, "expert_bytes": 352321536, "hidden": 4096, "dense_bytes": 83886080,
+     "source": "..."}
+
+`expert_bytes` (one expert's weights), `hidden` (the model's width, for the activations a
+CPU expert moves) and `dense_bytes` (the non-expert weights one layer reads per token) feed
+the replay's performance model; each is optional in the file and can be given at replay.
 
 then one line per step, one token at one MoE layer, in the order the model ran them:
 
@@ -25,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from expertflow import _C
+from expertflow import _C, profiles
 
 FORMAT = "expertflow-trace"
 VERSION = 1
@@ -36,13 +41,15 @@ class Trace:
     layers: int
     experts_per_layer: int
     top_k: int
-    expert_bytes: int = 1
+    expert_bytes: int | None = 1
     source: str = ""
     requests: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     layer_of_step: list[int] = field(default_factory=list)
     experts: list[list[int]] = field(default_factory=list)
     scores: list[list[float] | None] = field(default_factory=list)
+    hidden: int | None = None
+    dense_bytes: int | None = None
 
     def add(self, request: int, token: int, layer: int, experts, scores=None) -> None:
         self.requests.append(int(request))
@@ -55,15 +62,17 @@ class Trace:
         return len(self.experts)
 
     def header(self) -> dict:
-        return {
+        header = {
             "format": FORMAT,
             "version": VERSION,
             "layers": self.layers,
             "experts_per_layer": self.experts_per_layer,
             "top_k": self.top_k,
-            "expert_bytes": self.expert_bytes,
-            "source": self.source,
         }
+        for name in ("expert_bytes", "hidden", "dense_bytes"):
+            if getattr(self, name) is not None:
+                header[name] = getattr(self, name)
+        return header | {"source": self.source}
 
     def write(self, path: str | Path) -> None:
         with open(path, "w") as out:
@@ -87,6 +96,7 @@ class Trace:
         part = Trace(
             self.layers, self.experts_per_layer, self.top_k, self.expert_bytes, self.source
         )
+        part.hidden, part.dense_bytes = self.hidden, self.dense_bytes
         for i in range(len(self)):
             if self.requests[i] in keep:
                 part.add(
@@ -127,13 +137,17 @@ def _parse(lines, name: str) -> Trace:
     if header.get("version") != VERSION:
         fail(1, f"trace version {header.get('version')!r} is not {VERSION}")
     try:
+        optional = {k: header.get(k) for k in ("expert_bytes", "hidden", "dense_bytes")}
         trace = Trace(
             int(header["layers"]),
             int(header["experts_per_layer"]),
             int(header["top_k"]),
-            int(header.get("expert_bytes", 1)),
+            None if optional["expert_bytes"] is None else int(optional["expert_bytes"]),
             str(header.get("source", "")),
         )
+        for size in ("hidden", "dense_bytes"):
+            if optional[size] is not None:
+                setattr(trace, size, int(optional[size]))
     except (KeyError, TypeError, ValueError) as error:
         fail(1, f"the header lacks or mangles {error}")
     for number, line in enumerate(lines, start=2):
@@ -159,6 +173,16 @@ def _parse(lines, name: str) -> Trace:
             fail(number, f"expert ids repeat in {experts}")
         trace.add(request, token, layer, experts, record.get("scores"))
     return trace
+
+
+# Non-expert weights one layer reads per token, bf16. Mixtral-8x7B: q and o 4096 x 4096,
+# k and v 4096 x 1024 (8 KV heads), router 4096 x 8.
+MIXTRAL_DENSE_BYTES = (2 * 4096 * 4096 + 2 * 4096 * 1024 + 4096 * 8) * 2
+# DeepSeek-V2-Lite (MLA, 16 heads): q 2048 x 16*192, kv_a 2048 x (512 + 64), kv_b
+# 512 x 16*256, o 16*128 x 2048; two shared experts 3 x 2048 x 1408 each; router 2048 x 64.
+DEEPSEEK_DENSE_BYTES = (
+    2048 * 3072 + 2048 * 576 + 512 * 4096 + 2048 * 2048 + 2 * 3 * 2048 * 1408 + 2048 * 64
+) * 2
 
 
 def from_mixtral_jsonl(path: str | Path, expert_bytes: int = 3 * 4096 * 14336 * 2) -> Trace:
@@ -189,6 +213,7 @@ def from_mixtral_jsonl(path: str | Path, expert_bytes: int = 3 * 4096 * 14336 * 
     trace = Trace(
         layers, max(experts, 8), len(rows[0][3]), expert_bytes, f"mixtral decode: {Path(path).name}"
     )
+    trace.hidden, trace.dense_bytes = 4096, MIXTRAL_DENSE_BYTES
     for problem, token, layer, chosen, scores in rows:
         trace.add(problem, token, layer, chosen, scores)
     return trace
@@ -210,6 +235,7 @@ def from_deepseek_tar(
             expert_bytes,
             f"deepseek-v2-lite prefill: {Path(path).name}, {len(names)} prompts",
         )
+        trace.hidden, trace.dense_bytes = 2048, DEEPSEEK_DENSE_BYTES
         for request, name in enumerate(names):
             text = io.TextIOWrapper(tar.extractfile(name), encoding="utf-8")
             by_layer: dict[int, list[list[int]]] = {}
@@ -228,18 +254,97 @@ def from_deepseek_tar(
     return trace
 
 
-def calibrate_static(trace: Trace, capacity: int, scope: str = "global") -> list[tuple[int, int]]:
-    """The static set a capacity can hold, chosen by frequency in `trace`: the most used
-    experts, leaving top_k slots (per layer, with scope "layer") to stream the others."""
+def calibrate_ranking(trace: Trace) -> list[tuple[int, int]]:
+    """Every (layer, expert) that `trace` uses, most used first (ties: lower key)."""
     counts: dict[tuple[int, int], int] = {}
     for layer, experts in zip(trace.layer_of_step, trace.experts):
         for e in experts:
             counts[(layer, e)] = counts.get((layer, e), 0) + 1
-    ranked = sorted(counts, key=lambda k: (-counts[k], k))
+    return sorted(counts, key=lambda k: (-counts[k], k))
+
+
+def calibrate_static(trace: Trace, capacity: int, scope: str = "global") -> list[tuple[int, int]]:
+    """The static set a capacity can hold, chosen by frequency in `trace`: the most used
+    experts, leaving top_k slots (per layer, with scope "layer") to stream the others."""
+    ranked = calibrate_ranking(trace)
     keep = max(0, capacity - trace.top_k)
     if scope == "global":
         return ranked[:keep]
     return [k for layer in range(trace.layers) for k in [r for r in ranked if r[0] == layer][:keep]]
+
+
+def model_costs(
+    trace: Trace,
+    *,
+    expert_bytes: int | None = None,
+    hidden: int | None = None,
+    dense_bytes: int | None = None,
+    expert_flops: float | None = None,
+    layer_compute_us: float = 0.0,
+) -> dict[str, float]:
+    """The model's sizes for the cost model: the trace's, unless given. An expert does 2
+    FLOPs per weight per token; with bf16 weights that is its byte count (the default).
+    Activations: hidden x 2 bytes each way per token. Raises ValueError when the expert
+    bytes are neither in the trace nor given."""
+    size = expert_bytes if expert_bytes is not None else trace.expert_bytes
+    if size is None:
+        raise ValueError(
+            f"the trace ({trace.source or 'no source'}) has no expert_bytes: give them "
+            "(--expert-bytes, e.g. 336MiB)"
+        )
+    width = hidden if hidden is not None else trace.hidden
+    dense = dense_bytes if dense_bytes is not None else trace.dense_bytes
+    return {
+        "expert_bytes": float(size),
+        "expert_flops_per_token": float(size if expert_flops is None else expert_flops),
+        "activation_bytes_per_token": float(2 * (width or 0)),
+        "dense_bytes_per_layer": float(dense or 0),
+        "dense_extra_seconds": layer_compute_us * 1e-6,
+    }
+
+
+def _arrays(trace: Trace) -> list:
+    offsets = np.zeros(len(trace) + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum([len(e) for e in trace.experts])
+    return [
+        np.asarray(trace.requests, dtype=np.int32),
+        np.asarray(trace.tokens, dtype=np.int32),
+        np.asarray(trace.layer_of_step, dtype=np.int32),
+        offsets,
+        np.fromiter((e for step in trace.experts for e in step), dtype=np.int32),
+    ]
+
+
+def _options(trace: Trace, policy: str, capacity: int, scope: str, **rest) -> dict:
+    if scope not in ("global", "layer"):
+        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    keys = [layer * trace.experts_per_layer + e for layer, e in rest.pop("static_experts")]
+    return {
+        "policy": policy,
+        "capacity": capacity,
+        "per_layer": scope == "layer",
+        "static_keys": keys,
+        "prefetch_top": 0,
+        **rest,
+    }
+
+
+def _costs(trace: Trace, profile: str | dict, link_gbps: float | None, sizes: dict) -> dict:
+    chosen = profile if isinstance(profile, dict) else profiles.load(profile, link_gbps=link_gbps)
+    return profiles.rates(chosen) | model_costs(trace, **sizes)
+
+
+def _per_token(result: dict, warmup_tokens: int) -> dict:
+    tokens = result["tokens"]
+    seconds = result["modelled_seconds"]
+    for name in ("modelled_seconds", "bound_seconds", "compute_floor_seconds"):
+        result[name.replace("seconds", "seconds_per_token")] = result[name] / tokens if tokens else 0
+    result["link_floor_seconds_per_token"] = result["link_busy_seconds"] / tokens if tokens else 0
+    result["link_bytes"] = result["bytes_demand"] + result["bytes_prefetch"]
+    for resource in ("device", "link", "cpu"):
+        busy = result[f"{resource}_busy_seconds"]
+        result[f"{resource}_busy_share"] = busy / seconds if seconds else 0.0
+    return result
 
 
 def replay(
@@ -251,45 +356,81 @@ def replay(
     predictor: str = "none",
     reset_per_request: bool = True,
     warmup_tokens: int = 0,
-    link_gbps: float = 16.0,
+    profile: str | dict = "consumer_pcie4",
+    link_gbps: float | None = None,
     layer_compute_us: float = 0.0,
     static_experts: list[tuple[int, int]] = (),
     lfu_decay: float = 1.0,
     lfu_decay_period: int = 0,
+    **sizes,
 ) -> dict:
-    """Runs the trace through the native cache and policy; see `_C.replay`."""
-    if scope not in ("global", "layer"):
-        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    """Runs the trace through one native cache policy, misses copied on demand (and the
+    history predictor's prefetches), timed on `profile`; see `compare` for strategies.
+    `sizes`: expert_bytes, hidden, dense_bytes, expert_flops (see model_costs)."""
     if predictor not in ("none", "history"):
         raise ValueError(f"replay predictor must be 'none' or 'history', got {predictor!r}")
-    offsets = np.zeros(len(trace) + 1, dtype=np.int32)
-    offsets[1:] = np.cumsum([len(e) for e in trace.experts])
-    per_layer = scope == "layer"
-    keys = [layer * trace.experts_per_layer + e for layer, e in static_experts]
-    result = _C.replay(
-        trace.layers,
-        trace.experts_per_layer,
-        np.asarray(trace.requests, dtype=np.int32),
-        np.asarray(trace.tokens, dtype=np.int32),
-        np.asarray(trace.layer_of_step, dtype=np.int32),
-        offsets,
-        np.fromiter((e for step in trace.experts for e in step), dtype=np.int32),
-        policy=policy,
-        capacity=capacity,
-        per_layer=per_layer,
+    options = _options(
+        trace,
+        policy,
+        capacity,
+        scope,
+        static_experts=static_experts,
         reset_per_request=reset_per_request,
         warmup_tokens=warmup_tokens,
         history=predictor == "history",
-        expert_bytes=trace.expert_bytes,
-        link_gbps=link_gbps,
-        layer_compute_us=layer_compute_us,
-        static_keys=keys,
         lfu_decay=lfu_decay,
         lfu_decay_period=lfu_decay_period,
+        speculative_recall=0.0,
     )
-    tokens = len({(r, t) for r, t in zip(trace.requests, trace.tokens) if t >= warmup_tokens})
-    result["tokens"] = tokens
-    if tokens:
-        result["modelled_seconds_per_token"] = result["modelled_seconds"] / tokens
-        result["link_floor_seconds_per_token"] = result["link_floor_seconds"] / tokens
-    return result
+    costs = _costs(trace, profile, link_gbps, {"layer_compute_us": layer_compute_us, **sizes})
+    result = _C.replay(trace.layers, trace.experts_per_layer, *_arrays(trace), options, costs)
+    return _per_token(result, warmup_tokens)
+
+
+def compare(
+    trace: Trace,
+    capacity: int,
+    strategies: list[str] | str = "all",
+    *,
+    profile: str | dict = "consumer_pcie4",
+    scope: str = "global",
+    reset_per_request: bool = True,
+    warmup_tokens: int = 0,
+    static_ranking: list[tuple[int, int]] = (),
+    speculative_recall: float = 0.85,
+    layer_compute_us: float = 0.0,
+    **sizes,
+) -> list[dict]:
+    """Every strategy (or those named) over the same trace and profile, in one native run:
+    one dict per strategy with modelled time per token, link bytes, hit rate, busy shares
+    and bounds. static_ranking: calibration experts, most used first (static and
+    static_cpu keep a prefix of it). Raises ValueError naming an unknown strategy."""
+    names = _C.strategy_names() if strategies == "all" else list(strategies)
+    options = _options(
+        trace,
+        "lru",
+        capacity,
+        scope,
+        static_experts=static_ranking,
+        reset_per_request=reset_per_request,
+        warmup_tokens=warmup_tokens,
+        history=False,
+        lfu_decay=1.0,
+        lfu_decay_period=0,
+        speculative_recall=speculative_recall,
+    )
+    costs = _costs(trace, profile, None, {"layer_compute_us": layer_compute_us, **sizes})
+    rows = _C.replay_strategies(
+        trace.layers, trace.experts_per_layer, *_arrays(trace), options, costs, names
+    )
+    return [_per_token(row, warmup_tokens) for row in rows]
+
+
+def hybrid_losses(rows: list[dict], tolerance: float = 1e-9) -> list[str]:
+    """The strategies that beat hybrid in `rows` (one compare() result): hybrid can make
+    each one's decisions, so any name here shows a flaw in its cost model or choices."""
+    hybrid = next((r for r in rows if r["strategy"] == "hybrid"), None)
+    if hybrid is None:
+        return []
+    limit = hybrid["modelled_seconds"] * (1 - tolerance)
+    return [r["strategy"] for r in rows if r["modelled_seconds"] < limit]
