@@ -42,7 +42,7 @@ class CMakeBuild(build_ext):
 setup(
     package_dir={"": "python"},
     packages=["expertflow", "expertflow.eval"],
-    package_data={"expertflow": ["py.typed", "_C.pyi"]},
+    package_data={"expertflow": ["py.typed", "_C.pyi", "profiles.json"]},
     ext_modules=[Extension("expertflow._C", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
 )

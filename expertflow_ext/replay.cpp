@@ -47,8 +47,8 @@ std::vector<ReplayStep> steps_of(Ints requests, Ints tokens, Ints layers, Ints o
   EF_CHECK(tokens.size() == n && layers.size() == n && offsets.size() == n + 1,
            "replay needs requests, tokens and layers of one length and offsets one longer");
   auto off = offsets.unchecked<1>();
-  EF_CHECK(off(n) == experts.size(), "offsets end at ", off(n), " but there are ",
-           experts.size(), " experts");
+  EF_CHECK(off(n) == experts.size(), "offsets end at ", off(n), " but there are ", experts.size(),
+           " experts");
   std::vector<ReplayStep> steps(n);
   auto req = requests.unchecked<1>(), tok = tokens.unchecked<1>(), lay = layers.unchecked<1>();
   auto exp = experts.unchecked<1>();

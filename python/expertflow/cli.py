@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from expertflow import build_info, traces
+from expertflow import build_info, profiles, traces
 from expertflow.core import parse_bytes, parse_device
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # expertflow.models.DTYPES, without torch
@@ -41,6 +41,15 @@ def _replay(args) -> int:
     trace = traces.read(args.trace)
     if args.expert_bytes is not None:
         trace.expert_bytes = parse_bytes(args.expert_bytes)
+    sizes = {
+        "hidden": args.hidden,
+        "dense_bytes": args.dense_bytes,
+        "expert_flops": args.expert_flops,
+    }
+    overrides = {rate: getattr(args, rate) for rate in profiles.RATES}
+    profile = profiles.load(args.profile, **overrides)
+    if args.strategies is not None:
+        return _replay_strategies(args, trace, profile, sizes)
     static = []
     if args.policy == "static":
         if args.static_from is None:
@@ -54,9 +63,10 @@ def _replay(args) -> int:
         predictor=args.predictor,
         reset_per_request=args.reset_per_request,
         warmup_tokens=args.warmup_tokens,
-        link_gbps=args.link_gbps,
+        profile=profile,
         layer_compute_us=args.layer_compute_us,
         static_experts=static,
+        **sizes,
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -72,13 +82,42 @@ def _replay(args) -> int:
         f"  prefetches      {result['prefetch_issued']} issued, {result['prefetch_used']} used, "
         f"{result['prefetch_wasted']} wasted"
     )
-    prefetched = result["prefetch_issued"] * trace.expert_bytes
-    print(f"  bytes moved     {result['bytes_demand']:.4g} on demand, {prefetched:.4g} prefetched")
+    print(
+        f"  bytes moved     {result['bytes_demand']:.4g} on demand, "
+        f"{result['bytes_prefetch']:.4g} prefetched"
+    )
     if result["tokens"]:
         print(
-            f"  time per token  {result['modelled_seconds_per_token'] * 1e3:.3f} ms modelled, "
-            f"{result['link_floor_seconds_per_token'] * 1e3:.3f} ms link floor"
+            f"  time per token  {result['modelled_seconds_per_token'] * 1e3:.3f} ms modelled on "
+            f"{profile['name']}, {result['link_floor_seconds_per_token'] * 1e3:.3f} ms of link work"
         )
+    return 0
+
+
+def _replay_strategies(args, trace, profile, sizes) -> int:
+    names = None if args.strategies == "all" else args.strategies.split(",")
+    calibration = traces.read(args.static_from) if args.static_from else trace
+    rows = traces.compare(
+        trace,
+        args.capacity,
+        names or "all",
+        profile=profile,
+        scope=args.scope,
+        reset_per_request=args.reset_per_request,
+        warmup_tokens=args.warmup_tokens,
+        static_ranking=traces.calibrate_ranking(calibration),
+        speculative_recall=args.speculative_recall,
+        layer_compute_us=args.layer_compute_us,
+        **sizes,
+    )
+    if args.json:
+        print(json.dumps({"profile": profile, "strategies": rows}, indent=2))
+        return 0
+    per = "per layer" if args.scope == "layer" else "in all"
+    where = args.static_from or "this trace (in-sample)"
+    print(f"{args.trace}: {args.capacity} experts {per}, profile {profile['name']}")
+    print(f"  static sets calibrated on {where}; lru_spec recall {args.speculative_recall}")
+    print(traces.strategy_table(rows))
     return 0
 
 
@@ -274,15 +313,37 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--members", type=int, default=None, help="deepseek: the first N CSVs")
     convert.set_defaults(run=_convert)
 
-    replay = commands.add_parser("replay", help="replay a trace through a policy")
+    replay = commands.add_parser(
+        "replay", help="replay a trace: one policy, or strategies side by side (--strategies)"
+    )
     replay.add_argument("trace")
     replay.add_argument("--policy", choices=POLICIES, default="lru")
+    replay.add_argument(
+        "--strategies",
+        default=None,
+        help="'all' or a comma list of " + ", ".join(traces.STRATEGIES) + ": a table",
+    )
     replay.add_argument("--capacity", type=int, required=True, help="experts cached (see --scope)")
     replay.add_argument("--scope", choices=("layer", "global"), default="global")
     replay.add_argument("--predictor", choices=("none", "history"), default="none")
-    replay.add_argument("--link-gbps", type=float, default=16.0)
-    replay.add_argument("--layer-compute-us", type=float, default=0.0)
+    replay.add_argument(
+        "--profile", default="consumer_pcie4", help="one of " + ", ".join(profiles.names())
+    )
+    for rate in profiles.RATES:
+        flag = "--" + rate.replace("_", "-")
+        replay.add_argument(flag, type=float, default=None, help="override the profile's")
+    replay.add_argument(
+        "--layer-compute-us", type=float, default=0.0, help="device time per layer beyond its reads"
+    )
     replay.add_argument("--expert-bytes", default=None, help="override the trace's, e.g. 336MiB")
+    replay.add_argument("--hidden", type=int, default=None, help="override the trace's width")
+    replay.add_argument(
+        "--dense-bytes", type=int, default=None, help="non-expert bytes one layer reads"
+    )
+    replay.add_argument(
+        "--expert-flops", type=float, default=None, help="per token (default: the expert bytes)"
+    )
+    replay.add_argument("--speculative-recall", type=float, default=0.85, help="lru_spec's oracle")
     replay.add_argument("--reset-per-request", action=argparse.BooleanOptionalAction, default=True)
     replay.add_argument("--warmup-tokens", type=int, default=0)
     replay.add_argument("--static-from", help="static: calibrate the set on this trace")

@@ -43,10 +43,16 @@ def load(name: str, **overrides: float | None) -> dict:
             raise ValueError(f"unknown rate {rate!r}; known: {', '.join(RATES)}")
         if value is not None:
             profile[rate] = float(value)
+    return check(profile)
+
+
+def check(profile: dict) -> dict:
+    """`profile`, once every rate is a positive number; else ValueError naming it."""
+    name = profile.get("name", "custom")
     for rate in RATES:
-        value = profile[rate]
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"profile {name!r}: {rate} must be positive, got {value}")
+        value = profile.get(rate)
+        if not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"profile {name!r}: {rate} must be a positive number, got {value!r}")
     return profile
 
 

@@ -32,6 +32,9 @@ import numpy as np
 
 from expertflow import _C, profiles
 
+STRATEGIES = tuple(_C.strategy_names())
+# Offline oracles: they know the future, so hybrid cannot make their decisions.
+ORACLES = ("belady",)
 FORMAT = "expertflow-trace"
 VERSION = 1
 
@@ -330,7 +333,10 @@ def _options(trace: Trace, policy: str, capacity: int, scope: str, **rest) -> di
 
 
 def _costs(trace: Trace, profile: str | dict, link_gbps: float | None, sizes: dict) -> dict:
-    chosen = profile if isinstance(profile, dict) else profiles.load(profile, link_gbps=link_gbps)
+    if isinstance(profile, dict):
+        chosen = profiles.check(profile | ({"link_gbps": link_gbps} if link_gbps else {}))
+    else:
+        chosen = profiles.load(profile, link_gbps=link_gbps)
     return profiles.rates(chosen) | model_costs(trace, **sizes)
 
 
@@ -338,7 +344,9 @@ def _per_token(result: dict, warmup_tokens: int) -> dict:
     tokens = result["tokens"]
     seconds = result["modelled_seconds"]
     for name in ("modelled_seconds", "bound_seconds", "compute_floor_seconds"):
-        result[name.replace("seconds", "seconds_per_token")] = result[name] / tokens if tokens else 0
+        result[name.replace("seconds", "seconds_per_token")] = (
+            result[name] / tokens if tokens else 0
+        )
     result["link_floor_seconds_per_token"] = result["link_busy_seconds"] / tokens if tokens else 0
     result["link_bytes"] = result["bytes_demand"] + result["bytes_prefetch"]
     for resource in ("device", "link", "cpu"):
@@ -427,10 +435,42 @@ def compare(
 
 
 def hybrid_losses(rows: list[dict], tolerance: float = 1e-9) -> list[str]:
-    """The strategies that beat hybrid in `rows` (one compare() result): hybrid can make
-    each one's decisions, so any name here shows a flaw in its cost model or choices."""
+    """The strategies other than the oracles that beat hybrid in `rows` (one compare()
+    result): hybrid can make each one's decisions, so any name here shows a flaw in its
+    cost model or its choices."""
     hybrid = next((r for r in rows if r["strategy"] == "hybrid"), None)
     if hybrid is None:
         return []
     limit = hybrid["modelled_seconds"] * (1 - tolerance)
-    return [r["strategy"] for r in rows if r["modelled_seconds"] < limit]
+    return [
+        r["strategy"]
+        for r in rows
+        if r["strategy"] not in ORACLES and r["modelled_seconds"] < limit
+    ]
+
+
+def strategy_table(rows: list[dict]) -> str:
+    """compare()'s rows as a markdown table, with the floor and the hybrid check."""
+    lines = [
+        (
+            "| strategy | ms/token | bound ms | link GiB/token | hit rate | device busy "
+            "| link busy | CPU busy |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        tokens = max(r["tokens"], 1)
+        lines.append(
+            f"| {r['strategy']} | {r['modelled_seconds_per_token'] * 1e3:.2f} "
+            f"| {r['bound_seconds_per_token'] * 1e3:.2f} | {r['link_bytes'] / tokens / 2**30:.3f} "
+            f"| {r['hit_rate']:.3f} | {r['device_busy_share']:.0%} | {r['link_busy_share']:.0%} "
+            f"| {r['cpu_busy_share']:.0%} |"
+        )
+    if rows:
+        floor = rows[0]["compute_floor_seconds_per_token"] * 1e3
+        lines.append(f"\ncompute floor (any strategy): {floor:.2f} ms/token")
+    losses = hybrid_losses(rows)
+    if any(r["strategy"] == "hybrid" for r in rows):
+        verdict = f"SLOWER than {', '.join(losses)}" if losses else "no slower than any peer"
+        lines.append(f"hybrid check: {verdict}")
+    return "\n".join(lines)

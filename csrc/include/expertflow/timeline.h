@@ -5,7 +5,8 @@
 //   link    host -> device copies, one at a time. Demand copies go before queued
 //           prefetches; a prefetch moves in chunks (TransferEngine::kPrefetchChunkBytes,
 //           as live), so a demand copy waits for at most the chunk in flight. A copy into
-//           a slot starts no earlier than the end of that slot's previous reads. Every
+//           a slot starts no earlier than the end of that slot's reads in earlier
+//           layers (the link takes any `ready` time; the pass knows each slot's). Every
 //           byte queued is moved: finish() drains the queue.
 //   CPU     experts computed from their host blobs, one at a time.
 // A layer starts when the previous one has ended, and ends when its device work and its
@@ -114,7 +115,7 @@ class PassTimeline {
   double cpu_free_ = 0.0;
   double device_busy_ = 0.0;
   double cpu_busy_ = 0.0;
-  std::vector<DeviceTask> tasks_;    // this layer's device experts
+  std::vector<DeviceTask> tasks_;   // this layer's device experts
   std::vector<double> slot_reads_;  // per slot: when its last read ends
 };
 

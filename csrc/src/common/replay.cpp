@@ -150,7 +150,9 @@ std::vector<int> oracle_guess(const ReplayStep& next, int experts, double recall
   int offset = static_cast<int>(mix(h) % static_cast<std::uint64_t>(experts));
   for (int j = 0; j < experts && guess.size() < next.experts.size(); ++j) {
     int e = (offset + j) % experts;
-    auto in = [e](const std::vector<int>& v) { return std::find(v.begin(), v.end(), e) != v.end(); };
+    auto in = [e](const std::vector<int>& v) {
+      return std::find(v.begin(), v.end(), e) != v.end();
+    };
     if (!in(next.experts) && !in(guess)) guess.push_back(e);
   }
   return guess;
@@ -203,8 +205,7 @@ class Run {
 
   ReplayResult finish() {
     const HardwareRates& rates = options_.rates;
-    result_.link_busy_seconds =
-        copy_seconds(result_.bytes_demand + result_.bytes_prefetch, rates);
+    result_.link_busy_seconds = copy_seconds(result_.bytes_demand + result_.bytes_prefetch, rates);
     result_.bound_seconds = std::max(
         {result_.device_busy_seconds, result_.link_busy_seconds, result_.cpu_busy_seconds});
     double dense = dense_seconds(options_.model, rates);
@@ -328,8 +329,8 @@ class Run {
 
   std::vector<int> guess(const ReplayStep& step, const ReplayStep* next,
                          std::vector<float>& scores) {
-    int top = options_.prefetch_top > 0 ? options_.prefetch_top
-                                        : static_cast<int>(step.experts.size());
+    int top =
+        options_.prefetch_top > 0 ? options_.prefetch_top : static_cast<int>(step.experts.size());
     std::vector<int> experts;
     switch (strategy_.guess) {
       case Guess::kNone:

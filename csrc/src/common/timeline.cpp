@@ -72,8 +72,7 @@ double LinkTimeline::drain() {
   return free_;
 }
 
-PassTimeline::PassTimeline(const HardwareRates& rates, const ModelCosts& model,
-                           double chunk_bytes)
+PassTimeline::PassTimeline(const HardwareRates& rates, const ModelCosts& model, double chunk_bytes)
     : rates_(rates), model_(model), link_(rates.link_bytes_per_s, chunk_bytes) {
   check_costs(rates, model);
 }
