@@ -1,17 +1,23 @@
-"""Policies compared on real routing traces: hit rate and bytes moved against capacity.
+"""Strategies compared on real routing traces by the replay's performance model.
 
-Protocol (the native cache and policies, replayed by expertflow.traces.replay):
+Protocol (expertflow.traces.compare: the native cache, policies and timeline):
 - Mixtral-8x7B decode (GSM8K, 2 problems): one cache per layer, 2-7 experts per layer,
-  reset per problem, every token counted.
-- DeepSeek-V2-Lite prefill: the first 40 CSVs of the tar in path order, token-major, one
-  global cache of 5-20% of the 26 x 64 experts, reset per prompt, the first 10 tokens of
-  each prompt not counted.
-- Policies: lru; lfu (no decay); static, calibrated on other requests than it is tested
-  on (Mixtral: each problem on the other's frequencies; DeepSeek: CSVs 41-200); expertflow
-  with the history predictor (transitions and request frequencies, prefetching the next
-  layer's top-k); belady, the optimum for a demand cache of that size.
-- Bytes moved: demand misses plus prefetches, in expert sizes (bf16 Mixtral: 336 MiB;
-  DeepSeek-V2-Lite: 16.5 MiB). Prefetches count over the whole replay, warm-up included.
+  reset per problem, every token counted. Each problem is replayed with static sets
+  calibrated on the other problem, and the two replays are summed.
+- DeepSeek-V2-Lite prefill: the first 40 CSVs of the tar in path order (a subsample, so
+  that a run takes minutes on 2 cores), token-major, one global cache of 5-20% of the
+  26 x 64 experts, reset per prompt, the first 10 tokens of each prompt not counted;
+  static sets calibrated on CSVs 41-200. Every token is one pass (batch 1).
+- Model sizes (bf16): Mixtral expert 336 MiB, hidden 4096, attention 80 MiB per layer;
+  DeepSeek-V2-Lite expert 16.5 MiB, hidden 2048, attention + shared experts 59.5 MiB per
+  layer. An expert does 2 FLOPs per weight per token.
+- Profiles: consumer_pcie4, h200_pcie5, gh200 (python/expertflow/profiles.json, sources
+  there) and here (bench/profile_here.py). lru_spec's guess: an oracle with recall 0.85
+  (mixtral-offloading reports 0.8-0.9 one layer ahead).
+- Phase map: consumer_pcie4 with the link bandwidth swept; each cell's fastest strategy
+  (belady, an oracle, left out) and hybrid's margin over the best strategy other than
+  hybrid and expertflow.
+- Hybrid check: every row where a strategy other than belady beats hybrid.
 
     python bench/replay_compare.py [--data ../shared/data/traces]
 """
@@ -23,87 +29,162 @@ import time
 from pathlib import Path
 
 from common import RESULTS, save
-from expertflow import traces
+from expertflow import profiles, traces
+from replay_plots import plot_phase, plot_time
 
-POLICIES = ["lru", "lfu", "static", "expertflow", "belady"]
+PROFILES = ["consumer_pcie4", "h200_pcie5", "gh200", "here"]
+PHASE_PROFILE = "consumer_pcie4"
+PHASE_LINKS = [8, 16, 25, 50, 100, 200, 400]
+OURS = ("hybrid", "expertflow")
+SUMMED = (
+    "tokens",
+    "accesses",
+    "hits",
+    "modelled_seconds",
+    "bound_seconds",
+    "compute_floor_seconds",
+    "device_busy_seconds",
+    "link_busy_seconds",
+    "cpu_busy_seconds",
+    "bytes_demand",
+    "bytes_prefetch",
+)
 
 
-def run(trace, policy, capacity, scope, warmup, calibration):
-    if policy == "static":
-        parts = calibration(capacity)
-        hits = misses = accesses = 0
-        for test, static in parts:
-            r = traces.replay(
-                test, "static", capacity, scope=scope, warmup_tokens=warmup, static_experts=static
+def summary(r: dict) -> dict:
+    """One strategy's figures per token."""
+    tokens = r["tokens"]
+    seconds = r["modelled_seconds"]
+    return {
+        "ms_per_token": seconds / tokens * 1e3,
+        "bound_ms_per_token": r["bound_seconds"] / tokens * 1e3,
+        "floor_ms_per_token": r["compute_floor_seconds"] / tokens * 1e3,
+        "link_gib_per_token": (r["bytes_demand"] + r["bytes_prefetch"]) / tokens / 2**30,
+        "prefetch_gib_per_token": r["bytes_prefetch"] / tokens / 2**30,
+        "hit_rate": r["hits"] / r["accesses"],
+        "device_busy": r["device_busy_seconds"] / seconds,
+        "link_busy": r["link_busy_seconds"] / seconds,
+        "cpu_busy": r["cpu_busy_seconds"] / seconds,
+    }
+
+
+def run_parts(parts, capacity, profile, scope, warmup) -> dict:
+    """compare() over each (trace, calibration) part, summed per strategy."""
+    total: dict[str, dict] = {}
+    for trace, ranking in parts:
+        rows = traces.compare(
+            trace,
+            capacity,
+            profile=profile,
+            scope=scope,
+            warmup_tokens=warmup,
+            static_ranking=ranking,
+        )
+        for r in rows:
+            into = total.setdefault(r["strategy"], dict.fromkeys(SUMMED, 0))
+            for k in SUMMED:
+                into[k] += r[k]
+    return {name: summary(r) for name, r in total.items()}
+
+
+def losses(rows: dict) -> list[str]:
+    hybrid = rows["hybrid"]["ms_per_token"]
+    return [s for s, r in rows.items() if s != "belady" and r["ms_per_token"] < hybrid * (1 - 1e-9)]
+
+
+def sweep(name, spec) -> dict:
+    """Time per token against capacity, per profile."""
+    out = {}
+    for profile in PROFILES:
+        out[profile] = {}
+        for capacity in spec["capacities"]:
+            started = time.perf_counter()
+            rows = run_parts(spec["parts"], capacity, profile, spec["scope"], spec["warmup"])
+            out[profile][capacity] = rows
+            print(
+                f"{name:9} {profile:15} {capacity:4}: hybrid {rows['hybrid']['ms_per_token']:8.2f}"
+                f" ms/token, lru {rows['lru']['ms_per_token']:8.2f}, cpu "
+                f"{rows['cpu']['ms_per_token']:8.2f} ({time.perf_counter() - started:.1f} s)"
             )
-            hits, misses, accesses = (
-                hits + r["hits"],
-                misses + r["misses"],
-                accesses + r["accesses"],
-            )
-        return {
-            "hits": hits,
-            "misses": misses,
-            "accesses": accesses,
-            "hit_rate": hits / accesses,
-            "prefetch_issued": 0,
-            "prefetch_hits": 0,
-        }
-    predictor = "history" if policy == "expertflow" else "none"
-    return traces.replay(
-        trace, policy, capacity, scope=scope, warmup_tokens=warmup, predictor=predictor
-    )
+    return out
 
 
-def compare(name, trace, capacities, scope, warmup, calibration, unit):
-    rows = {}
-    for policy in POLICIES:
-        rows[policy] = []
-        for capacity in capacities:
-            start = time.perf_counter()
-            r = run(trace, policy, capacity, scope, warmup, calibration)
-            seconds = time.perf_counter() - start
-            moved = (r["misses"] + r["prefetch_issued"]) * trace.expert_bytes
-            rows[policy].append(
+def phase(spec) -> list[list[dict]]:
+    """Per capacity (rows) and link bandwidth (columns): the fastest strategy and hybrid's
+    margin over the best strategy that is not ExpertFlow's."""
+    cells = []
+    for capacity in spec["capacities"]:
+        line = []
+        for link in PHASE_LINKS:
+            profile = profiles.load(PHASE_PROFILE, link_gbps=link)
+            rows = run_parts(spec["parts"], capacity, profile, spec["scope"], spec["warmup"])
+            ms = {s: r["ms_per_token"] for s, r in rows.items() if s != "belady"}
+            peer = min((s for s in ms if s not in OURS), key=ms.get)
+            line.append(
                 {
-                    "capacity": capacity,
-                    "hit_rate": r["hit_rate"],
-                    "hits": r["hits"],
-                    "prefetch_hits": r["prefetch_hits"],
-                    "misses": r["misses"],
-                    "prefetch_issued": r["prefetch_issued"],
-                    "accesses": r["accesses"],
-                    "bytes_moved": moved,
-                    "accesses_per_second": r["accesses"] / seconds,
+                    "fastest": min(ms, key=ms.get),
+                    "best_peer": peer,
+                    "hybrid_ms": ms["hybrid"],
+                    "peer_ms": ms[peer],
+                    "speedup_over_peer": ms[peer] / ms["hybrid"],
                 }
             )
-            print(
-                f"{name:9} {policy:10} {capacity:5} {unit}: hit rate {r['hit_rate']:.3f} "
-                f"(prefetched {r['prefetch_hits']}), misses {r['misses']}, "
-                f"moved {moved / 2**30:8.1f} GiB, {r['accesses'] / seconds / 1e6:5.2f} M accesses/s"
+        cells.append(line)
+    return cells
+
+
+def markdown(name, swept, capacity) -> str:
+    lines = [f"\n### {name}, capacity {capacity}\n"]
+    for profile, by_capacity in swept.items():
+        rows = by_capacity[capacity]
+        lines.append(f"\n{profile}\n")
+        lines.append(
+            "| strategy | ms/token | bound | link GiB/token | hit rate | link busy | CPU busy |"
+        )
+        lines.append("|---|---:|---:|---:|---:|---:|---:|")
+        for s, r in rows.items():
+            lines.append(
+                f"| {s} | {r['ms_per_token']:.2f} | {r['bound_ms_per_token']:.2f} "
+                f"| {r['link_gib_per_token']:.3f} | {r['hit_rate']:.3f} | {r['link_busy']:.0%} "
+                f"| {r['cpu_busy']:.0%} |"
             )
-    return rows
+    return "\n".join(lines)
 
 
-def plot(name, rows, xlabel, path):
-    import matplotlib
+def mixtral_spec(data: Path) -> dict:
+    trace = traces.from_mixtral_jsonl(data / "mixtral-8x7b-decode-gsm8k.jsonl")
+    a, b = trace.request_ids()
+    parts = [
+        (trace.select([a]), traces.calibrate_ranking(trace.select([b]))),
+        (trace.select([b]), traces.calibrate_ranking(trace.select([a]))),
+    ]
+    capacities = [2, 3, 4, 5, 6, 7]
+    return {
+        "parts": parts,
+        "scope": "layer",
+        "warmup": 0,
+        "capacities": capacities,
+        "fractions": [c / 8 for c in capacities],
+        "trace": trace,
+    }
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, (hit, moved) = plt.subplots(1, 2, figsize=(11, 4))
-    for policy, points in rows.items():
-        x = [p["capacity"] for p in points]
-        hit.plot(x, [p["hit_rate"] for p in points], marker="o", label=policy)
-        moved.plot(x, [p["bytes_moved"] / 2**40 for p in points], marker="o", label=policy)
-    hit.set(xlabel=xlabel, ylabel="hit rate", title=f"{name}: hit rate")
-    moved.set(xlabel=xlabel, ylabel="bytes moved (TiB)", title=f"{name}: bytes moved")
-    hit.legend()
-    hit.grid(alpha=0.3)
-    moved.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    print(f"wrote {path}")
+def deepseek_spec(data: Path) -> dict:
+    started = time.perf_counter()
+    everything = traces.from_deepseek_tar(data / "deepseek-v2-lite-prefill-train.tar.xz", 200)
+    print(f"read 200 DeepSeek CSVs in {time.perf_counter() - started:.0f} s")
+    ids = everything.request_ids()
+    trace, held_out = everything.select(ids[:40]), everything.select(ids[40:])
+    total = trace.layers * trace.experts_per_layer
+    fractions = [0.05, 0.10, 0.15, 0.20]
+    return {
+        "parts": [(trace, traces.calibrate_ranking(held_out))],
+        "scope": "global",
+        "warmup": 10,
+        "capacities": [round(total * f) for f in fractions],
+        "fractions": fractions,
+        "trace": trace,
+    }
 
 
 def main() -> None:
@@ -113,68 +194,39 @@ def main() -> None:
     )
     args = parser.parse_args()
     data = Path(args.data)
-
-    mixtral = traces.from_mixtral_jsonl(data / "mixtral-8x7b-decode-gsm8k.jsonl")
-    mixtral.expert_bytes = 3 * 4096 * 14336 * 2
-
-    def mixtral_static(capacity):  # each problem tested on the other's frequencies
-        a, b = mixtral.request_ids()
-        return [
-            (mixtral.select([a]), traces.calibrate_static(mixtral.select([b]), capacity, "layer")),
-            (mixtral.select([b]), traces.calibrate_static(mixtral.select([a]), capacity, "layer")),
-        ]
-
-    m_rows = compare(
-        "mixtral", mixtral, [2, 3, 4, 5, 6, 7], "layer", 0, mixtral_static, "per layer"
-    )
-
-    tar = data / "deepseek-v2-lite-prefill-train.tar.xz"
-    started = time.perf_counter()
-    everything = traces.from_deepseek_tar(tar, members=200)
-    print(f"read 200 DeepSeek CSVs in {time.perf_counter() - started:.0f} s")
-    ids = everything.request_ids()
-    deepseek, held_out = everything.select(ids[:40]), everything.select(ids[40:])
-    total = deepseek.layers * deepseek.experts_per_layer
-    capacities = [round(total * f) for f in (0.05, 0.10, 0.15, 0.20)]
-
-    def deepseek_static(capacity):
-        return [(deepseek, traces.calibrate_static(held_out, capacity, "global"))]
-
-    d_rows = compare("deepseek", deepseek, capacities, "global", 10, deepseek_static, "in all")
-
-    plot(
-        "Mixtral-8x7B decode (GSM8K)",
-        m_rows,
-        "experts cached per layer",
-        RESULTS / "replay_mixtral.png",
-    )
-    plot(
-        "DeepSeek-V2-Lite prefill (40 prompts)",
-        d_rows,
-        "experts cached (of 1,664)",
-        RESULTS / "replay_deepseek.png",
-    )
-    at_10 = {
-        p: next(r for r in rows if r["capacity"] == capacities[1]) for p, rows in d_rows.items()
-    }
-    save(
-        "replay_compare",
-        {
-            "protocol": __doc__,
-            "mixtral": {"scope": "layer", "expert_bytes": mixtral.expert_bytes, "policies": m_rows},
-            "deepseek": {
-                "scope": "global",
-                "capacities": capacities,
-                "expert_bytes": deepseek.expert_bytes,
-                "policies": d_rows,
-            },
-            "deepseek_10_percent": {
-                p: {"hit_rate": r["hit_rate"], "bytes_moved": r["bytes_moved"]}
-                for p, r in at_10.items()
-            },
-            "goal": "MoE-Beyond's trained predictor: 72% hit rate at a 10% global cache (LRU 17-28%)",
-        },
-    )
+    result = {"protocol": __doc__, "profiles": {p: profiles.load(p) for p in PROFILES}}
+    checks = []
+    for name, spec in [("mixtral", mixtral_spec(data)), ("deepseek", deepseek_spec(data))]:
+        swept = sweep(name, spec)
+        cells = phase(spec)
+        for profile, by_capacity in swept.items():
+            for capacity, rows in by_capacity.items():
+                if losses(rows):
+                    checks.append(
+                        {
+                            "trace": name,
+                            "profile": profile,
+                            "capacity": capacity,
+                            "faster_than_hybrid": losses(rows),
+                        }
+                    )
+        trace = spec["trace"]
+        result[name] = {
+            "scope": spec["scope"],
+            "expert_bytes": trace.expert_bytes,
+            "dense_bytes": trace.dense_bytes,
+            "hidden": trace.hidden,
+            "capacities": spec["capacities"],
+            "fractions": spec["fractions"],
+            "by_profile": swept,
+            "phase": {"profile": PHASE_PROFILE, "link_gbps": PHASE_LINKS, "cells": cells},
+        }
+        print(markdown(name, swept, spec["capacities"][1]))
+        plot_time(name, result[name], RESULTS / f"replay_{name}.png")
+        plot_phase(name, result[name], RESULTS / f"replay_phase_{name}.png")
+    result["hybrid_check"] = checks or "hybrid no slower than any non-oracle strategy on any row"
+    print(f"\nhybrid check: {result['hybrid_check']}")
+    save("replay_compare", result)
 
 
 if __name__ == "__main__":

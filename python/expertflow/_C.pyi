@@ -96,3 +96,28 @@ class ExpertCache:
     def slot_bytes(self) -> int: ...
     @property
     def policy(self) -> str: ...
+
+def replay(
+    num_layers: int,
+    experts_per_layer: int,
+    requests: Any,
+    tokens: Any,
+    layers: Any,
+    offsets: Any,
+    experts: Any,
+    options: dict[str, Any],
+    costs: dict[str, float],
+) -> dict[str, Any]: ...
+def replay_strategies(
+    num_layers: int,
+    experts_per_layer: int,
+    requests: Any,
+    tokens: Any,
+    layers: Any,
+    offsets: Any,
+    experts: Any,
+    options: dict[str, Any],
+    costs: dict[str, float],
+    strategies: list[str],
+) -> list[dict[str, Any]]: ...
+def strategy_names() -> list[str]: ...
