@@ -25,8 +25,13 @@
 //               that probability, the rest of the guess is wrong experts.
 //   hybrid      ExpertFlow: the expertflow cache; each expert goes to whichever of the
 //               device (resident), a copy, or the CPU finishes soonest given what each
-//               already owes; the history predictor's experts are prefetched only when
-//               the link is idle.
+//               already owes (cost_model.h's place_miss). The next layer's guess (the same
+//               modelled gate lookahead as lru_spec's) is prefetched when no prefetch is
+//               waiting or when it pays (p h >= (1 - p)(1 - h), the design's rule); misses
+//               the CPU served are copied in only while no prefetch is waiting. Given a
+//               calibration, its hot experts are predicted for the next layer (so guesses
+//               never displace them) and only they are copied in after a CPU miss.
+// lru_spec and hybrid need steps whose next layer follows in the same token to guess.
 #pragma once
 
 #include <cstddef>

@@ -39,6 +39,11 @@ class LinkTimeline {
   double arrival(int id, double now);
   // Nothing queued and nothing moving at `now`.
   bool idle(double now);
+  // No prefetch waiting at `now` (a demand copy may be moving): a new prefetch would
+  // only use time the link has no other work for.
+  bool queue_empty(double now);
+  // When the link would be done with what it owes at `now`, moving nothing new.
+  double backlog_end(double now);
   // Moves everything queued; returns when the link is done.
   double drain();
 
@@ -84,6 +89,8 @@ class PassTimeline {
   // and on the CPU, if it were added now.
   double device_finish_if(double available, int tokens = 1);
   double cpu_finish_if(int tokens = 1) const;
+  // When the layer would end with the work given so far.
+  double expected_end();
   // Runs the layer's device experts; returns when the layer ends.
   double end_layer();
   // Drains the link; returns when every resource is done.

@@ -17,7 +17,7 @@ namespace {
 using StepIt = std::vector<ReplayStep>::const_iterator;
 
 enum class Misses { kCopy, kCpu, kHybrid };
-enum class Guess { kNone, kHistory, kHistoryWhenIdle, kOracle };
+enum class Guess { kNone, kHistory, kOracle, kOracleWhenIdle };
 
 struct Strategy {
   std::string name;
@@ -38,7 +38,7 @@ const std::vector<Strategy>& known_strategies() {
       {"cpu", "", Misses::kCpu},
       {"static_cpu", "", Misses::kCpu, Guess::kNone, true},
       {"lru_spec", "lru", Misses::kCopy, Guess::kOracle},
-      {"hybrid", "expertflow", Misses::kHybrid, Guess::kHistoryWhenIdle},
+      {"hybrid", "expertflow", Misses::kHybrid, Guess::kOracleWhenIdle},
   };
   return table;
 }
@@ -172,9 +172,14 @@ class Run {
     if (strategy.policy == "static") {
       static_keys_ = static_set(options, num_layers, experts, options.capacity - top_k);
     }
-    if (strategy.hot_set) {
+    if (strategy.hot_set || strategy.misses == Misses::kHybrid) {
       hot_.assign(static_cast<std::size_t>(num_layers) * experts, 0);
-      for (int k : static_set(options, num_layers, experts, options.capacity)) hot_[k] = 1;
+      hot_of_layer_.resize(num_layers);
+      for (int k : static_set(options, num_layers, experts, options.capacity)) {
+        hot_[k] = 1;
+        hot_of_layer_[k / experts].push_back(k % experts);
+      }
+      calibrated_ = !options.policy.static_keys.empty();
     }
   }
 
@@ -316,13 +321,14 @@ class Run {
     if (!on_device.empty()) cache.acquire(layer, on_device, 0);
     double bytes = 0.0;
     if (step.layer + 1 < num_layers_) {
+      protect_hot(step.layer + 1);
       std::vector<float> scores;
       std::vector<int> experts = guess(step, next, scores);
       bytes += copy_ahead(step.layer + 1, experts, scores);
     }
     if (!on_device.empty()) cache.release(layer, on_device, 0);
-    if (!cpu_misses.empty() && timeline_->link().idle(timeline_->routed())) {
-      bytes += copy_ahead(step.layer, cpu_misses, {});
+    if (timeline_->link().queue_empty(timeline_->routed())) {
+      bytes += copy_ahead(step.layer, admitted(step.layer, cpu_misses), {});
     }
     return bytes;
   }
@@ -335,23 +341,56 @@ class Run {
     switch (strategy_.guess) {
       case Guess::kNone:
         break;
-      case Guess::kHistoryWhenIdle:
-        if (!timeline_->link().idle(timeline_->routed())) break;
-        [[fallthrough]];
       case Guess::kHistory:
         for (auto [e, score] : history_.predict(step.layer + 1, top)) {
           experts.push_back(e);
           scores.push_back(score);
         }
         break;
+      case Guess::kOracleWhenIdle:
+        if (!prefetch_pays()) break;
+        [[fallthrough]];
       case Guess::kOracle:
         if (next && next->request == step.request && next->token == step.token &&
             next->layer == step.layer + 1) {
           experts = oracle_guess(*next, experts_, options_.speculative_recall, options_.seed);
+          scores.assign(experts.size(), static_cast<float>(options_.speculative_recall));
         }
         break;
     }
     return experts;
+  }
+
+  // Hybrid with a calibration predicts the next layer's hot experts at full confidence, so
+  // that its guesses (at their recall) never displace them.
+  void protect_hot(int layer) {
+    if (!calibrated_ || hot_of_layer_[layer].empty()) return;
+    caches_->of(layer).predict(caches_->layer_in(layer), hot_of_layer_[layer], {});
+  }
+
+  // The CPU-served misses hybrid copies into its cache when the link is idle: with a
+  // calibration, only the hot ones, so that cold experts do not displace them.
+  std::vector<int> admitted(int layer, const std::vector<int>& cpu_misses) const {
+    if (!calibrated_) return cpu_misses;
+    std::vector<int> hot;
+    for (int e : cpu_misses) {
+      if (hot_[key(layer, e)]) hot.push_back(e);
+    }
+    return hot;
+  }
+
+  // Whether a guess for the next layer is worth the link: when no prefetch is waiting, or
+  // by the design's pay-off rule, with p the guess's recall and h the share of its copy,
+  // started after what the link owes, done before the next layer needs it:
+  // p h >= (1 - p)(1 - h).
+  bool prefetch_pays() {
+    PassTimeline& t = *timeline_;
+    if (t.link().queue_empty(t.routed())) return true;
+    double needed = t.expected_end() + dense_seconds(t.model(), t.rates());
+    double copy = copy_seconds(t.model().expert_bytes, t.rates());
+    double h = std::clamp((needed - t.link().backlog_end(t.routed())) / copy, 0.0, 1.0);
+    double p = options_.speculative_recall;
+    return p * h >= (1.0 - p) * (1.0 - h);
   }
 
   // Prefetches `experts` of `layer` into the cache and onto the link; returns the bytes.
@@ -380,6 +419,8 @@ class Run {
   TransitionPredictor history_;
   std::vector<int> static_keys_;
   std::vector<char> hot_;
+  std::vector<std::vector<int>> hot_of_layer_;  // hybrid: the calibrated set, per layer
+  bool calibrated_ = false;
   std::vector<char> loaded_;
   std::vector<double> arrival_;
   std::vector<int> pending_;

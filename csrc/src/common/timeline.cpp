@@ -67,6 +67,18 @@ bool LinkTimeline::idle(double now) {
   return queue_.empty() && free_ <= now;
 }
 
+bool LinkTimeline::queue_empty(double now) {
+  advance(now);
+  return queue_.empty();
+}
+
+double LinkTimeline::backlog_end(double now) {
+  advance(now);
+  double queued = 0.0;
+  for (int id : queue_) queued += prefetches_[id].remaining;
+  return std::max(free_, now) + queued / rate_;
+}
+
 double LinkTimeline::drain() {
   advance(std::numeric_limits<double>::infinity());
   return free_;
@@ -138,6 +150,11 @@ PlacementChoice PassTimeline::place_miss(int tokens) {
   double device_free = run_device(tasks, false);
   return expertflow::place_miss(routed_, copy_start, device_free, cpu_free_, model_, tokens,
                                 rates_);
+}
+
+double PassTimeline::expected_end() {
+  std::vector<DeviceTask> tasks = tasks_;
+  return std::max({run_device(tasks, false), cpu_free_, routed_});
 }
 
 double PassTimeline::end_layer() {
