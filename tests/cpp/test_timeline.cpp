@@ -92,6 +92,15 @@ TEST(a_prefetch_needed_early_is_promoted) {
   EXPECT_TRUE(near(link.drain(), 12 * kMs));
 }
 
+TEST(cancelling_drops_what_has_not_started) {
+  LinkTimeline link(kMiB / kMs, kChunk);
+  link.prefetch(0.0, 8 * kMiB);  // [0,4] [4,8]: started at 1 ms, so it finishes
+  link.prefetch(0.0, 4 * kMiB);  // not started at 1 ms: dropped
+  EXPECT_TRUE(near(link.cancel_queued(1 * kMs), 4 * kMiB));
+  EXPECT_TRUE(near(link.drain(), 8 * kMs));
+  EXPECT_TRUE(near(link.bytes(), 8 * kMiB));
+}
+
 TEST(a_copy_into_a_slot_waits_for_its_reads) {
   LinkTimeline link(kMiB / kMs, kChunk);
   EXPECT_TRUE(near(link.demand(0.0, 3 * kMs, kMiB), 4 * kMs));

@@ -29,8 +29,9 @@
 //               modelled gate lookahead as lru_spec's) is prefetched when no prefetch is
 //               waiting or when it pays (p h >= (1 - p)(1 - h), the design's rule); misses
 //               the CPU served are copied in only while no prefetch is waiting. Given a
-//               calibration, its hot experts are predicted for the next layer (so guesses
-//               never displace them) and only they are copied in after a CPU miss.
+//               calibration, its hot experts are predicted for the next layer (below a
+//               guess, above the unpredicted) and only they are copied in after a CPU
+//               miss.
 // lru_spec and hybrid need steps whose next layer follows in the same token to guess.
 #pragma once
 

@@ -7,7 +7,8 @@
 //           as live), so a demand copy waits for at most the chunk in flight. A copy into
 //           a slot starts no earlier than the end of that slot's reads in earlier
 //           layers (the link takes any `ready` time; the pass knows each slot's). Every
-//           byte queued is moved: finish() drains the queue.
+//           byte queued is moved (finish() drains the queue) unless cancelled before it
+//           starts.
 //   CPU     experts computed from their host blobs, one at a time.
 // A layer starts when the previous one has ended, and ends when its device work and its
 // CPU experts are done. Costs come from cost_model.h; this file only orders the work.
@@ -46,6 +47,9 @@ class LinkTimeline {
   double backlog_end(double now);
   // Moves everything queued; returns when the link is done.
   double drain();
+  // Drops the prefetches not started by `now` (as closing a cache cancels them; one that
+  // has started finishes). Returns the bytes dropped.
+  double cancel_queued(double now);
 
   double busy_seconds() const { return bytes_ / rate_; }
   double bytes() const { return bytes_; }
@@ -53,6 +57,7 @@ class LinkTimeline {
  private:
   struct Prefetch {
     double issue;
+    double bytes;
     double remaining;
     double done = -1.0;
   };

@@ -201,8 +201,13 @@ class Run {
       auto next = step + 1;
       counted = run_step(*step, next != end ? &*next : nullptr);
     }
+    // The request is over: queued prefetches are cancelled, as closing its cache does.
+    double dropped = timeline.link().cancel_queued(timeline.layer_end());
     double end_time = timeline.finish();
-    if (counted) result_.modelled_seconds += end_time - timeline.layer_end();
+    if (counted) {
+      result_.modelled_seconds += end_time - timeline.layer_end();
+      result_.bytes_prefetch -= dropped;  // issued by the last, counted, steps
+    }
     if (caches_) caches_->add_stats(result_.cache);
     caches_.reset();
     timeline_ = nullptr;
@@ -361,11 +366,15 @@ class Run {
     return experts;
   }
 
-  // Hybrid with a calibration predicts the next layer's hot experts at full confidence, so
-  // that its guesses (at their recall) never displace them.
+  // Hybrid with a calibration predicts the next layer's hot experts at half a guess's
+  // confidence: the unpredicted go first, a guess outranks them. Where a miss goes to
+  // the CPU, the hot set then stays as static_cpu's does; where copies are cheap, guesses
+  // still get their slots.
   void protect_hot(int layer) {
     if (!calibrated_ || hot_of_layer_[layer].empty()) return;
-    caches_->of(layer).predict(caches_->layer_in(layer), hot_of_layer_[layer], {});
+    float confidence = 0.5f * static_cast<float>(options_.speculative_recall);
+    std::vector<float> scores(hot_of_layer_[layer].size(), confidence);
+    caches_->of(layer).predict(caches_->layer_in(layer), hot_of_layer_[layer], scores);
   }
 
   // The CPU-served misses hybrid copies into its cache when the link is idle: with a

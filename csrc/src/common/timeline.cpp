@@ -45,7 +45,7 @@ double LinkTimeline::demand(double issue, double ready, double bytes) {
 }
 
 int LinkTimeline::prefetch(double issue, double bytes) {
-  prefetches_.push_back({issue, bytes});
+  prefetches_.push_back({issue, bytes, bytes});
   int id = static_cast<int>(prefetches_.size()) - 1;
   queue_.push_back(id);
   return id;
@@ -77,6 +77,24 @@ double LinkTimeline::backlog_end(double now) {
   double queued = 0.0;
   for (int id : queue_) queued += prefetches_[id].remaining;
   return std::max(free_, now) + queued / rate_;
+}
+
+double LinkTimeline::cancel_queued(double now) {
+  advance(now);
+  double dropped = 0.0;
+  std::deque<int> started;
+  for (int id : queue_) {
+    Prefetch& p = prefetches_[id];
+    if (p.remaining < p.bytes) {
+      started.push_back(id);
+    } else {
+      dropped += p.remaining;
+      p.remaining = 0.0;
+      p.done = now;  // never arrives; nothing reads it
+    }
+  }
+  queue_ = std::move(started);
+  return dropped;
 }
 
 double LinkTimeline::drain() {
