@@ -71,13 +71,13 @@ TEST(cost_model_refuses_rates_that_are_not_positive) {
   EXPECT_THROW_MSG(check_costs(HardwareRates{}, m), InvalidArgument, "expert_bytes");
 }
 
-TEST(demand_copy_waits_for_the_prefetch_chunk_in_flight) {
+TEST(demand_copy_waits_for_the_prefetch_chunks_in_flight) {
   LinkTimeline link(kMiB / kMs, kChunk);
   int id = link.prefetch(0.0, 12 * kMiB);  // chunks [0,4] [4,8] [8,12] ms
-  // Issued at 5 ms: the chunk that started at 4 ms finishes first, then the demand copy
-  // [8,10], then the last prefetch chunk [10,14].
-  EXPECT_TRUE(near(link.demand(5 * kMs, 0.0, 2 * kMiB), 10 * kMs));
-  EXPECT_TRUE(near(link.arrival(id, 20 * kMs), 14 * kMs));
+  // Issued at 5 ms: the chunk that started at 4 ms and the one queued behind it (two in
+  // flight, as live) finish first [4,12], then the demand copy [12,14].
+  EXPECT_TRUE(near(link.demand(5 * kMs, 0.0, 2 * kMiB), 14 * kMs));
+  EXPECT_TRUE(near(link.arrival(id, 20 * kMs), 12 * kMs));
   EXPECT_TRUE(near(link.busy_seconds(), 14 * kMs));
   EXPECT_TRUE(link.idle(20 * kMs));
 }

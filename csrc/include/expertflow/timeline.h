@@ -3,8 +3,9 @@
 //   device  a layer's dense work, then its device experts, one at a time, each once its
 //           weights are in a slot (in the order they become available).
 //   link    host -> device copies, one at a time. Demand copies go before queued
-//           prefetches; a prefetch moves in chunks (TransferEngine::kPrefetchChunkBytes,
-//           as live), so a demand copy waits for at most the chunk in flight. A copy into
+//           prefetches; a prefetch moves in chunks (TransferEngine::kPrefetchChunkBytes),
+//           two of them in flight as live, so a demand copy waits for at most the chunk
+//           moving and the one queued behind it. A copy into
 //           a slot starts no earlier than the end of that slot's reads in earlier
 //           layers (the link takes any `ready` time; the pass knows each slot's). Every
 //           byte queued is moved (finish() drains the queue) unless cancelled before it
@@ -60,6 +61,7 @@ class LinkTimeline {
     double bytes;
     double remaining;
     double done = -1.0;
+    double last_chunk_start = 0.0;
   };
   // Runs the queued prefetch chunks that start before `t`.
   void advance(double t);

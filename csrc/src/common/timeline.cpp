@@ -23,9 +23,13 @@ void LinkTimeline::advance(double t) {
   while (!queue_.empty()) {
     Prefetch& p = prefetches_[queue_.front()];
     double start = std::max(free_, p.issue);
-    if (start >= t) return;  // not started by t: a demand copy issued at t goes first
+    // Live keeps two chunks of a prefetch in flight: while one moves, the next one is
+    // already queued on the copy engine, ahead of a demand copy issued meanwhile.
+    bool queued_behind = p.remaining < p.bytes && p.last_chunk_start < t;
+    if (start >= t && !queued_behind) return;  // a demand copy issued at t goes first
     double bytes = std::min(chunk_, p.remaining);
     occupy(start, bytes);
+    p.last_chunk_start = start;
     p.remaining -= bytes;
     if (p.remaining <= 0.0) {
       p.done = free_;
