@@ -381,3 +381,22 @@ def test_non_contiguous_buffer_is_a_value_error():
     strided = np.zeros(4 * layout.total_bytes, dtype=np.uint8)[::2]
     with pytest.raises(ValueError, match="contiguous"):
         ef.HostPool(layout, buffer=strided)
+
+
+def test_core_errors_hide_the_source_location(cache, monkeypatch):
+    """The message is for users; where the core threw it is in the notes (for bug reports),
+    and in the message only with EXPERTFLOW_DEBUG=1. No absolute build path either way."""
+    monkeypatch.delenv("EXPERTFLOW_DEBUG", raising=False)
+    with pytest.raises(ValueError) as plain:
+        cache.acquire(7, [0])
+    assert str(plain.value) == "layer 7 out of range [0, 2)"
+    (note,) = plain.value.__notes__
+    assert re.search(r" csrc/src/\S+\.cpp:\d+ ", note)
+
+    monkeypatch.setenv("EXPERTFLOW_DEBUG", "1")
+    with pytest.raises(ValueError) as debug:
+        cache.acquire(7, [0])
+    assert re.fullmatch(
+        r"layer 7 out of range \[0, 2\) \(csrc/src/\S+\.cpp:\d+\)", str(debug.value)
+    )
+    assert not hasattr(debug.value, "__notes__")

@@ -12,9 +12,22 @@
 
 namespace expertflow {
 
+// what() is the message followed by " (file:line)" where it was thrown, for C++ users and
+// logs; message() and location() keep the two apart, so that the Python bindings can show
+// users the message alone and keep the location for bug reports.
 class Error : public std::runtime_error {
  public:
-  using std::runtime_error::runtime_error;
+  explicit Error(const std::string& message) : Error(message, std::string()) {}
+  Error(const std::string& message, const std::string& location)
+      : std::runtime_error(location.empty() ? message : message + " (" + location + ")"),
+        message_(message),
+        location_(location) {}
+  const std::string& message() const noexcept { return message_; }
+  const std::string& location() const noexcept { return location_; }
+
+ private:
+  std::string message_;
+  std::string location_;
 };
 
 // A value passed by the caller is wrong; the object it was passed to is unchanged.
@@ -50,9 +63,13 @@ std::string concat(const Args&... args) {
   return out.str();
 }
 
+// "csrc/src/common/x.cpp:12" from __FILE__ and __LINE__: the path from the source tree's
+// top, not the build machine's absolute path.
+std::string source_location(const char* file, int line);
+
 template <typename E, typename... Args>
 [[noreturn]] void raise(const char* file, int line, const Args&... args) {
-  throw E(concat(args..., " (", file, ":", line, ")"));
+  throw E(concat(args...), source_location(file, line));
 }
 
 }  // namespace detail
