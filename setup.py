@@ -42,7 +42,9 @@ class CMakeBuild(build_ext):
 setup(
     package_dir={"": "python"},
     packages=["expertflow", "expertflow.eval"],
-    package_data={"expertflow": ["py.typed", "_C.pyi", "profiles.json"]},
+    # profiles.json: the replay's hardware profiles; default_model/: the embedded default
+    # model (bench/train_default.py), config, weights and tokenizer.
+    package_data={"expertflow": ["py.typed", "_C.pyi", "profiles.json", "default_model/*"]},
     ext_modules=[Extension("expertflow._C", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
 )

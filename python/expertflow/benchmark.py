@@ -53,10 +53,13 @@ SUMMARY = (
     "precision",
     "recall",
 )
+# Code, since the embedded default model was trained on Python's standard library. No
+# trailing newline: its tokenizer joins a newline with the next line's indentation, so a
+# prompt ending in a bare newline asks for a token it rarely saw before an indented line.
 DEFAULT_PROMPTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Mixture-of-Experts models route each token to a few experts.",
-    "Offloading keeps every expert in host memory and caches the ones in use.",
+    "def read_config(path):",
+    "class Stack:\n    def __init__(self):",
+    "import os\nimport sys\n\n\ndef main(argv):",
 ]
 
 

@@ -18,6 +18,15 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")  # expertflow.models.DTYPES,
 
 POLICIES = ("lru", "lfu", "static", "expertflow", "belady")
 
+# The embedded model's experts are small (192 KiB): at 4 GB/s their copies would cost
+# nothing against its compute. At this rate one copy takes about 3x one layer's decode on
+# two CPU cores, the ratio of Qwen3-30B-A3B's experts over PCIe 4.0 against a layer's
+# decode on a GPU (see bench/prefetch_bench.py), so that caching matters as it would there.
+EMBEDDED_LINK_GBPS = 0.1
+
+# The default model writes Python (it was trained on the standard library's sources).
+DEFAULT_PROMPT = "def read_config(path):"
+
 
 def _info(_args) -> int:
     print(json.dumps(build_info(), indent=2))
@@ -121,6 +130,20 @@ def _replay_strategies(args, trace, profile, sizes) -> int:
     return 0
 
 
+def _slots(value: str) -> int:
+    """--slots N: a count of slots, at least one (0 is not "the default")."""
+    try:
+        slots = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of slots") from None
+    if slots < 1:
+        raise argparse.ArgumentTypeError(
+            f"{slots} slots cannot hold an expert; give 1 or more, or leave --slots out for "
+            "the default (a quarter of the experts)"
+        )
+    return slots
+
+
 def _model_arguments(command) -> None:
     command.add_argument(
         "--model", default=None, help="a local checkpoint directory (default: the embedded model)"
@@ -132,13 +155,19 @@ def _model_arguments(command) -> None:
     command.add_argument(
         "--budget", default=None, help="bytes or e.g. 12GiB (default: a quarter of the experts)"
     )
-    command.add_argument("--slots", type=int, default=None)
+    command.add_argument(
+        "--slots",
+        type=_slots,
+        default=None,
+        help="device slots (default: a quarter of the experts)",
+    )
     command.add_argument("--max-new-tokens", type=int, default=32)
     command.add_argument(
         "--link-gbps",
         type=float,
         default=None,
-        help="the emulated link on the CPU (default 4 GB/s); CUDA uses the real one",
+        help="the emulated link on the CPU (default 4 GB/s, 0.1 for the embedded model); CUDA "
+        "uses the real one",
     )
     command.add_argument("--json", action="store_true")
 
@@ -150,11 +179,14 @@ def _sizing(args, model) -> dict:
         raise ValueError("give --budget or --slots, not both")
     if args.budget is not None:
         return {"budget": args.budget}
-    return {"slots": args.slots or benchmark.default_slots(model)}
+    return {"slots": args.slots if args.slots is not None else benchmark.default_slots(model)}
 
 
 def _link(args) -> float | None:
-    return args.link_gbps if args.link_gbps or not args.device.startswith("cpu") else 4.0
+    """The emulated link on the CPU (CUDA uses its own): --link-gbps, else a default."""
+    if args.link_gbps or not args.device.startswith("cpu"):
+        return args.link_gbps
+    return 4.0 if args.model else EMBEDDED_LINK_GBPS
 
 
 def _check_device(device: str) -> None:
@@ -266,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("info", help="build info, backends and devices").set_defaults(run=_info)
 
     run = commands.add_parser("run", help="generate with offloading")
-    run.add_argument("--prompt", default="The quick brown fox")
+    run.add_argument("--prompt", default=DEFAULT_PROMPT)
     run.add_argument("--policy", choices=POLICIES[:-1], default="expertflow")
     _model_arguments(run)
     run.set_defaults(run=_run)
@@ -299,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     evaluate.add_argument("--device", default="cuda")
     evaluate.add_argument("--budget", default=None)
-    evaluate.add_argument("--slots", type=int, default=None)
+    evaluate.add_argument("--slots", type=_slots, default=None)
     evaluate.add_argument("--limit", type=int, default=0, help="only the first N questions")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(run=_eval_pope)

@@ -1,9 +1,13 @@
 """Models for the command line: the embedded default, and local checkpoints.
 
-The default is a Mixtral-shaped MoE with deterministic random weights (8 layers x 8
-experts of 6 MiB, top-2), small enough to run in seconds on two CPU cores and with experts
-large enough that an emulated link makes the policies differ. Its text is noise: it shows
-the machinery, not language. Its tokenizer is UTF-8 bytes.
+The default is a small Mixtral-shaped MoE trained on the Python standard library's own
+sources (`bench/train_default.py`; 6 layers x 8 experts, top-2, a byte-level BPE
+tokenizer), shipped as a transformers checkpoint in `default_model/` and loaded with
+`from_pretrained` like any other, so it writes Python-like text and routes as a trained
+MoE does. Its experts are most of its 12 MB, so that caching them is what matters.
+
+`random_default()` keeps the earlier random-weight Mixtral shape, for benchmarks that need
+a given size (larger experts, a wider model) rather than a trained one.
 """
 
 from __future__ import annotations
@@ -14,7 +18,11 @@ from pathlib import Path
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-DEFAULT = {
+DEFAULT_MODEL = Path(__file__).with_name("default_model")
+
+# The random model's shape: experts of 6 MiB, large enough that an emulated link makes the
+# policies differ.
+RANDOM_SHAPE = {
     "hidden_size": 512,
     "intermediate_size": 1024,
     "num_hidden_layers": 8,
@@ -28,7 +36,7 @@ DEFAULT = {
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as token ids; the default model's tokenizer."""
+    """UTF-8 bytes as token ids; the random model's tokenizer."""
 
     def encode(self, text: str) -> torch.Tensor:
         return torch.tensor([list(text.encode("utf-8"))], dtype=torch.long)
@@ -52,8 +60,8 @@ class Loaded:
 # fresh draw at every layer. The embedding is drawn larger instead, in proportion to the
 # width since each layer's update grows with it, so that random models route the way
 # trained ones do for prediction's sake: gate-lookahead recall one layer ahead is 0.80 at
-# hidden 1024 (bench/results/prefetch_cpu_copy_ratio_*.json); a one-off check on other
-# prompts gave 0.83 / 0.83 / 0.82 at hidden 512 / 1024 / 2048.
+# hidden 1024 (bench/results/prefetch_cpu_random_copy_ratio_*.json); a one-off check on
+# other prompts gave 0.83 / 0.83 / 0.82 at hidden 512 / 1024 / 2048.
 EMBEDDING_STD_PER_WIDTH = 0.3 / 512
 
 
@@ -68,9 +76,17 @@ def random_mixtral(config: MixtralConfig, seed: int = 0) -> MixtralForCausalLM:
     return model
 
 
-def default_model(seed: int = 0) -> Loaded:
-    model = random_mixtral(MixtralConfig(**DEFAULT), seed)
-    return Loaded(model, ByteTokenizer(), "embedded default (Mixtral-shaped, random weights)", True)
+def random_default(seed: int = 0, **shape) -> Loaded:
+    """A random-weight Mixtral of RANDOM_SHAPE (updated by `shape`), sampled with a seed."""
+    model = random_mixtral(MixtralConfig(**{**RANDOM_SHAPE, **shape}), seed)
+    return Loaded(model, ByteTokenizer(), "random Mixtral-shaped model", True)
+
+
+def default_model(dtype: str = "auto") -> Loaded:
+    """The shipped trained model, greedy: loaded by path like any checkpoint."""
+    loaded = load(str(DEFAULT_MODEL), dtype)
+    loaded.name = "embedded default (Mixtral-shaped MoE trained on the Python stdlib)"
+    return loaded
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -86,12 +102,8 @@ def torch_dtype(dtype: str) -> str | torch.dtype:
 def load(path: str | None, dtype: str = "auto") -> Loaded:
     """The embedded default when `path` is None, else a local checkpoint directory with its
     tokenizer (see load_model)."""
-    wanted = torch_dtype(dtype)
     if path is None:
-        loaded = default_model()
-        if wanted != "auto":
-            loaded.model.to(wanted)
-        return loaded
+        return default_model(dtype)
     from transformers import AutoTokenizer
 
     model = load_model(path, dtype)

@@ -12,9 +12,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_run_prints_text_and_stats(capsys):
+    from expertflow import benchmark, models
+
     assert cli.main(["run", "--max-new-tokens", "4", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["num_slots"] == 16 and summary["misses"] > 0
+    default_slots = benchmark.default_slots(models.default_model().model)
+    assert summary["num_slots"] == default_slots and summary["misses"] > 0
     assert 0.0 < summary["prefill_seconds"] < 4 / summary["tokens_per_second"]
     assert 0.0 <= summary["hit_rate"] <= 1.0 and summary["tokens_per_second"] > 0
 
@@ -48,6 +51,25 @@ def test_bench_runs_every_config_with_the_resident_tokens(tmp_path, capsys):
     assert all(row["same_tokens_as_reference"] for row in result["configs"].values())
     assert result["configs"]["no cache"]["hit_rate"] == 0.0
     assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_run_writes_python_by_default(capsys):
+    """The default prompt is code, and the text decodes whole (the random model's byte
+    tokens printed U+FFFD for every split character)."""
+    assert cli.main(["run", "--max-new-tokens", "24"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"embedded default (Mixtral-shaped MoE trained on the Python stdlib): "
+                          f"{cli.DEFAULT_PROMPT!r} ->\n")  # fmt: skip
+    text = out.split(" ->\n", 1)[1].split("\n\n24 tokens at ")[0]
+    assert text.strip() and "\ufffd" not in text
+
+
+@pytest.mark.parametrize("command", ["run", "bench", "eval-pope"])
+def test_zero_slots_is_a_clear_error(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--slots", "0"])
+    assert exit_.value.code == 2
+    assert "argument --slots: 0 slots cannot hold an expert" in capsys.readouterr().err
 
 
 def test_bad_reps_is_a_clear_error(tmp_path, capsys):
