@@ -16,11 +16,22 @@ torch on one core fewer than the machine has so that the copies have one
                    the same without the pay-off rule (Prefetcher.worth): every ranked
                    candidate is prefetched, to show what the rule saves
 
+    expertflow, history only
+                   the same with the transition-history predictor alone (no gate
+                   lookahead): its precision and recall
+
+The model is the embedded default (trained on the Python stdlib, `bench/train_default.py`);
+the prompt and the decode steps are held-out Python source (the first validation file of
+that script's split), fed token by token, so that routing is what the model does on text
+like its training data. `--random` runs the random-weight Mixtral shape instead (hidden
+`--hidden`, `--layers` layers; decode steps fed a fixed random text, since such a model's
+greedy output soon repeats one token, and its routing with it).
+
 Gate-lookahead recall at distance d: for each decode step and MoE layer l, layer l+d's
 router applied to layer l's input; the share of the experts layer l+d really chose that
 it names (no cache involved).
 
-    python bench/prefetch_bench.py [--layers 8] [--tokens 16]
+    python bench/prefetch_bench.py [--copy-ratio 3] [--tokens 32] [--random --layers 8]
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ import expertflow as ef
 import expertflow.offloading
 import torch
 from common import describe, mixtral_like, save
+from expertflow import models
 from expertflow.benchmark import core_for_copies
 from expertflow.experts import find_experts
 from expertflow.prediction import find_router, router_choice
@@ -44,6 +56,10 @@ CONFIGS = [
     ("lru+prefetch", {"policy": "lru", "prefetch": True}),
     ("expertflow", {"policy": "expertflow", "prefetch": True}),
     ("expertflow, every candidate", {"policy": "expertflow", "prefetch": True}),
+    (
+        "expertflow, history only",
+        {"policy": "expertflow", "prefetch": True, "predictor": "history"},
+    ),
 ]
 
 
@@ -53,13 +69,10 @@ def prefetch_every_candidate(model) -> None:
     runner.prefetcher.link_bytes_per_second = math.inf
 
 
-def decode(model, prompt: torch.Tensor, tokens: int, after_prefill=None) -> float:
-    """Seconds per decode step after the prompt's prefill. The steps are fed a fixed
-    random text rather than their own argmax: a random-weight model's greedy output soon
-    repeats one token, whose routing then repeats too, unlike a real model's."""
-    text = torch.randint(
-        0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1)
-    )
+def decode(model, prompt: torch.Tensor, text: torch.Tensor, after_prefill=None) -> float:
+    """Seconds per decode step after the prompt's prefill, the steps fed `text` (1 x tokens)
+    one token at a time rather than their own argmax, so that every config sees the same."""
+    tokens = text.shape[1]
     with torch.no_grad():
         past = model(prompt, use_cache=True).past_key_values
         if after_prefill is not None:
@@ -70,7 +83,7 @@ def decode(model, prompt: torch.Tensor, tokens: int, after_prefill=None) -> floa
         return (time.perf_counter() - start) / tokens
 
 
-def lookahead_recall(model, prompt: torch.Tensor, tokens: int, distances: list[int]) -> dict:
+def lookahead_recall(model, prompt: torch.Tensor, text: torch.Tensor, distances: list[int]) -> dict:
     """Recall of each layer's router applied `d` layers early, over a decode run."""
     plans = find_experts(model)
     routers = [find_router(model, p.name, p.num_experts) for p in plans]
@@ -85,7 +98,7 @@ def lookahead_recall(model, prompt: torch.Tensor, tokens: int, distances: list[i
 
     hooks = [p.module.register_forward_hook(record) for p in plans]
     try:
-        decode(model, prompt, tokens)
+        decode(model, prompt, text)
     finally:
         for hook in hooks:
             hook.remove()
@@ -108,10 +121,11 @@ def lookahead_recall(model, prompt: torch.Tensor, tokens: int, distances: list[i
 def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--intermediate", type=int, default=2048)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--random", action="store_true", help="the random Mixtral shape")
+    parser.add_argument("--hidden", type=int, default=1024, help="--random: width")
+    parser.add_argument("--intermediate", type=int, default=2048, help="--random: expert width")
+    parser.add_argument("--layers", type=int, default=8, help="--random: layers")
+    parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--copy-ratio", type=float, default=3.0)
     parser.add_argument("--reps", type=int, default=2)
     args = parser.parse_args()
@@ -119,20 +133,38 @@ def main() -> None:
         measure(args)
 
 
+def workload(args) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, str]:
+    """The model, a 16-token prompt, the decode steps' tokens, and the result file's name."""
+    name = f"prefetch_cpu_copy_ratio_{args.copy_ratio:g}"
+    if args.random:
+        model = mixtral_like(args.hidden, args.intermediate, args.layers)
+        ids = torch.randint(
+            0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)
+        )
+        text = torch.randint(
+            0, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(1)
+        )
+        return model, ids, text, name.replace("cpu_", "cpu_random_")
+    from train_default import corpus_files, read_text
+
+    loaded = models.default_model()
+    held_out = read_text(corpus_files()[1][0])
+    ids = loaded.tokenizer.encode(held_out)[:, : 16 + args.tokens]
+    return loaded.model, ids[:, :16], ids[:, 16:], name
+
+
 def measure(args) -> None:
-    model = mixtral_like(args.hidden, args.intermediate, args.layers)
+    model, prompt, text, result_name = workload(args)
     experts = model.config.num_local_experts
-    prompt = torch.randint(
-        0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)
-    )
-    slots = args.layers * experts // 4
+    layers = model.config.num_hidden_layers
+    slots = layers * experts // 4
 
     # The link: one expert's copy lasts copy_ratio x one layer's resident decode time.
-    with ef.offload(model, "cpu", slots=args.layers * experts, prefetch=False) as handle:
-        for layer in range(args.layers):
+    with ef.offload(model, "cpu", slots=layers * experts, prefetch=False) as handle:
+        for layer in range(layers):
             handle.cache.acquire(layer, range(experts))
             handle.cache.release(layer, range(experts))
-        layer_seconds = decode(model, prompt, args.tokens) / args.layers
+        layer_seconds = decode(model, prompt, text) / layers
         expert_bytes = handle.slot_bytes
     link_gbps = expert_bytes / (args.copy_ratio * layer_seconds) / 1e9
     floor = expert_bytes / (link_gbps * 1e9)
@@ -148,7 +180,7 @@ def measure(args) -> None:
             with ef.offload(model, "cpu", slots=slots, link_gbps=link_gbps, **options) as handle:
                 if name.endswith("every candidate"):
                     prefetch_every_candidate(model)
-                seconds = decode(model, prompt, args.tokens, after_prefill=handle.reset_stats)
+                seconds = decode(model, prompt, text, after_prefill=handle.reset_stats)
                 stats = handle.stats()  # of the decode steps
                 with torch.no_grad():
                     tokens = model.generate(prompt, max_new_tokens=8, do_sample=False)
@@ -186,10 +218,10 @@ def measure(args) -> None:
             f"{base / row['ms_per_token']:9.2f} {row['misses']:7.0f} {row['hit_rate']:9.3f} "
             f"{row['precision']:9.3f} {row['recall']:7.3f}"
         )
-    recall = lookahead_recall(model, prompt, args.tokens, [1, 2, 3])
+    recall = lookahead_recall(model, prompt, text, [1, 2, 3])
     print("gate-lookahead recall: " + ", ".join(f"d={d}: {r:.3f}" for d, r in recall.items()))
     save(
-        f"prefetch_cpu_copy_ratio_{args.copy_ratio:g}",
+        result_name,
         {
             "protocol": __doc__,
             "model": describe(model),
