@@ -19,9 +19,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")  # expertflow.models.DTYPES,
 POLICIES = ("lru", "lfu", "static", "expertflow", "belady")
 
 # The embedded model's experts are small (192 KiB): at 4 GB/s their copies would cost
-# nothing against its compute. At this rate one copy takes about 3x one layer's decode on
-# two CPU cores, the ratio of Qwen3-30B-A3B's experts over PCIe 4.0 against a layer's
-# decode on a GPU (see bench/prefetch_bench.py), so that caching matters as it would there.
+# nothing against its compute. At this rate one copy takes 2-3x one layer's decode on one
+# CPU core (0.74-0.87 ms in bench/results/prefetch_cpu_copy_ratio_*.json), about the ratio
+# of Qwen3-30B-A3B's experts over PCIe 4.0 against a layer's decode on a GPU (see
+# bench/prefetch_bench.py), so that caching matters as it would there.
 EMBEDDED_LINK_GBPS = 0.1
 
 # The default model writes Python (it was trained on the standard library's sources).
