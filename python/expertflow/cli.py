@@ -206,11 +206,22 @@ def _check_device(device: str) -> None:
         raise ValueError(f"--device {device}: this machine has {cuda['device_count']} GPU(s)")
 
 
+def _load(args):
+    """The model on the host (offload() moves what it must), without transformers' loading
+    bar: the embedded model loads in a blink, and the bar is noise before the text."""
+    from transformers.utils import logging
+
+    from expertflow import models
+
+    logging.disable_progress_bar()
+    return models.load(args.model, args.dtype)
+
+
 def _run(args) -> int:
-    from expertflow import benchmark, models, offload
+    from expertflow import benchmark, offload
 
     _check_device(args.device)
-    loaded = models.load(args.model, args.dtype)  # on the host: offload() moves what it must
+    loaded = _load(args)
     link = _link(args)
     with offload(
         loaded.model,
@@ -252,10 +263,10 @@ def _run(args) -> int:
 def _bench(args) -> int:
     from pathlib import Path
 
-    from expertflow import benchmark, models
+    from expertflow import benchmark
 
     _check_device(args.device)
-    loaded = models.load(args.model, args.dtype)
+    loaded = _load(args)
     sizing = _sizing(args, loaded.model)
     result = benchmark.run(
         loaded,

@@ -54,10 +54,11 @@ def test_bench_runs_every_config_with_the_resident_tokens(tmp_path, capsys):
 
 
 def test_run_writes_python_by_default(capsys):
-    """The default prompt is code, and the text decodes whole (the random model's byte
-    tokens printed U+FFFD for every split character)."""
+    """The default prompt is code, the text decodes whole (the random model's byte tokens
+    printed U+FFFD for every split character), and nothing but the text and stats shows."""
     assert cli.main(["run", "--max-new-tokens", "24"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "Loading weights" not in err  # transformers' bar, noise before the text
     assert out.startswith(f"embedded default (Mixtral-shaped MoE trained on the Python stdlib): "
                           f"{cli.DEFAULT_PROMPT!r} ->\n")  # fmt: skip
     text = out.split(" ->\n", 1)[1].split("\n\n24 tokens at ")[0]
