@@ -127,6 +127,32 @@ def test_hybrid_is_never_slower_than_a_peer(seed, profile, capacity):
     assert traces.hybrid_losses(rows) == []
 
 
+def test_hybrid_keeps_recency_where_misses_are_copied():
+    # Layer 1 alternates a cold expert (2, last in the calibration) with the hot ones, two
+    # slots for three experts. Copies beat the CPU (2 + 1 ms against 4 ms), and with no
+    # dense work a guess's copy (2 ms) is late by 1 ms. LRU keeps expert 2, so only every
+    # other token waits for a copy; ranking the calibrated set first would evict expert 2
+    # for each hot one and make every token wait.
+    trace = two_layers([[0]] * 12, [[2], [0], [2], [1]] * 3, experts=3)
+    trace.dense_bytes = 0
+    ranking = [(0, 0), (1, 0), (1, 1), (1, 2)]
+    link = HAND | {"link_gbps": 2 * MIB * 1e3 / 1e9}
+    rows = traces.compare(
+        trace,
+        2,
+        ["lru_spec", "hybrid"],
+        profile=link,
+        scope="layer",
+        expert_flops=0,
+        static_ranking=ranking,
+        speculative_recall=1.0,
+    )
+    by = {r["strategy"]: r for r in rows}
+    assert by["hybrid"]["cpu_experts"] == 0
+    assert by["hybrid"]["modelled_seconds"] == pytest.approx(by["lru_spec"]["modelled_seconds"])
+    assert traces.hybrid_losses(rows) == []
+
+
 def test_hybrid_losses_reports_a_faster_peer():
     rows = [
         {"strategy": "hybrid", "modelled_seconds": 2.0},

@@ -367,11 +367,16 @@ class Run {
   }
 
   // Hybrid with a calibration predicts the next layer's hot experts at half a guess's
-  // confidence: the unpredicted go first, a guess outranks them. Where a miss goes to
-  // the CPU, the hot set then stays as static_cpu's does; where copies are cheap, guesses
-  // still get their slots.
+  // confidence (the unpredicted go first, a guess outranks them) where a miss would go to
+  // the CPU: there a cold expert's misses cost CPU time whatever the cache holds, so the
+  // hot set stays as static_cpu's does while guesses still get their slots. Where a miss
+  // would be copied, every miss costs a copy, and recency (lru_spec's ranking) is the
+  // better guess of the next use: ranking the calibrated set above it evicts an expert
+  // this request uses often but the calibration found cold (on Mixtral at 7 of 8 experts
+  // per layer, a layer's coldest expert in one problem is often the other's most used).
   void protect_hot(int layer) {
     if (!calibrated_ || hot_of_layer_[layer].empty()) return;
+    if (timeline_->place_miss().where != Placement::kCpu) return;
     float confidence = 0.5f * static_cast<float>(options_.speculative_recall);
     std::vector<float> scores(hot_of_layer_[layer].size(), confidence);
     caches_->of(layer).predict(caches_->layer_in(layer), hot_of_layer_[layer], scores);
