@@ -74,27 +74,35 @@ def _device_name(device: Any) -> tuple[str, int | None]:
     return match.group(1), None if match.group(2) is None else int(match.group(2))
 
 
-def _stream_args(stream: Any, cache_device: str) -> tuple[int, int]:
-    """(handle, device index or -1) for a stream given to a cache on `cache_device`.
+def _stream_args(stream: Any, cache_device: tuple[str, int]) -> tuple[int, int]:
+    """(handle, device index or -1) for a stream given to a cache on `cache_device`
+    (kind and index, parsed once: this runs on every acquire and release). A plain int is
+    a raw handle of unknown device (-1): it must name a live stream, and the core checks
+    what the runtime can tell about it."""
+    if not hasattr(stream, "cuda_stream"):  # the common CPU case first: no work
+        return int(stream), -1
+    return _stream_object_args(stream, cache_device)
+
+
+def _stream_object_args(stream: Any, cache_device: tuple[str, int]) -> tuple[int, int]:
+    """_stream_args for a stream object.
 
     A stream object (torch.cuda.Stream: `cuda_stream` and `device`) names its device, and
     one of another device than the cache's is refused here, before its handle reaches any
-    CUDA call. A plain int is a raw handle of unknown device (-1): it must name a live
-    stream, and the core checks what the runtime can tell about it.
+    CUDA call.
     """
-    if not hasattr(stream, "cuda_stream"):
-        return int(stream), -1
     handle = int(stream.cuda_stream)
     device = getattr(stream, "device", None)
     if device is None:
         return handle, -1
     kind, index = _device_name(device)
-    cache_kind, cache_index = parse_device(cache_device)
-    named = kind if index is None else f"{kind}:{index}"
+    cache_kind, cache_index = cache_device
     if kind != cache_kind or (kind == "cuda" and index is not None and index != cache_index):
+        named = kind if index is None else f"{kind}:{index}"
+        cache = cache_kind if cache_kind == "cpu" else f"{cache_kind}:{cache_index}"
         raise ValueError(
-            f"stream {handle:#x} belongs to {named}, but the cache is on {cache_device}; "
-            f"pass a stream of {cache_device}"
+            f"stream {handle:#x} belongs to {named}, but the cache is on {cache}; "
+            f"pass a stream of {cache}"
         )
     return handle, -1 if index is None or kind != "cuda" else index
 
@@ -195,6 +203,7 @@ class ExpertCache:
                     f"takes {slot_bytes} bytes (the largest expert)"
                 )
         self.pool = pool
+        self._device = parse_device(pool.device)  # parsed once for the stream checks
         self._cache = _C.ExpertCache(
             pool._pool,
             slots,
@@ -208,7 +217,7 @@ class ExpertCache:
 
     def acquire(self, layer: int, experts: Sequence[int], stream: Any = 0) -> list[int]:
         """Slot addresses of the experts, safe to read on `stream`; pinned until release."""
-        return self._cache.acquire(layer, list(experts), *_stream_args(stream, self.pool.device))
+        return self._cache.acquire(layer, list(experts), *_stream_args(stream, self._device))
 
     def prefetch(
         self, layer: int, experts: Sequence[int], scores: Sequence[float] | None = None
@@ -224,7 +233,7 @@ class ExpertCache:
 
     def release(self, layer: int, experts: Sequence[int], stream: Any = 0) -> None:
         """`stream` has enqueued its last read of the experts' slots."""
-        self._cache.release(layer, list(experts), *_stream_args(stream, self.pool.device))
+        self._cache.release(layer, list(experts), *_stream_args(stream, self._device))
 
     def stats(self) -> dict[str, Any]:
         """Counters since creation or reset_stats(), as plain data; see the README."""
